@@ -1,0 +1,6 @@
+"""Stage 1: a reward model loaded as a TransformerLens/SAELens model (see ``reward_model``)."""
+
+from pm_lens.model.architectures import ARCHITECTURES as ARCHITECTURES
+from pm_lens.model.reward_model import RewardModel as RewardModel
+from pm_lens.model.reward_model import WeightProcessing as WeightProcessing
+from pm_lens.model.reward_model import final_positions as final_positions

@@ -1,0 +1,246 @@
+"""A preference model as a TransformerLens model whose unembedding is the reward head.
+
+A reward model (PM) is a transformer body followed by a ``[d_model, 1]`` head. Wrapped here as a
+:class:`sae_lens.HookedSAETransformer` with ``d_vocab_out = 1``, its forward returns the reward at
+every position, ``[batch, pos, 1]``, so every TransformerLens and SAELens tool (hooks, caches,
+activation patching, spliced-in SAEs) works on it unchanged. :meth:`RewardModel.reward` reads the
+reward where Hugging Face's ``*ForSequenceClassification`` reads it: the last non-pad token.
+
+Loading (``from_hf``):
+1. look the HF architecture up in :data:`pm_lens.model.architectures.ARCHITECTURES`;
+2. build a ``HookedTransformerConfig`` from the HF config (no hub access);
+3. convert the body's weights with TransformerLens's converter and put the classifier's
+   ``score`` weight (and bias, if any) in the unembedding;
+4. refuse non-finite weights, then fold and centre what keeps parity (never the head);
+5. record the processing in :attr:`RewardModel.processing`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import HookedSAETransformer
+from torch import Tensor
+from transformer_lens import HookedTransformerConfig
+
+from pm_lens.model.architectures import DEFAULT_MAX_N_CTX, causal_lm_view, spec_for
+
+
+@dataclass(frozen=True)
+class WeightProcessing:
+    """The weight processing applied when the model was loaded (all exact up to float rounding)."""
+
+    fold_ln: bool
+    center_writing_weights: bool
+    fold_value_biases: bool
+    center_unembed: bool = False  # never: with one output it would zero the reward head
+
+    def as_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+def final_positions(
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    pad_token_id: int | None = None,
+) -> Int[Tensor, " batch"]:
+    """The position whose output is the reward: the last attended (or non-pad) token.
+
+    With an ``attention_mask`` the last position where it is 1; otherwise, as Hugging Face
+    does, the last position whose token is not ``pad_token_id``; with neither, the last
+    position. Works for left and right padding.
+    """
+    batch, n_pos = tokens.shape
+    if attention_mask is None and pad_token_id is None:
+        return torch.full((batch,), n_pos - 1, dtype=torch.long, device=tokens.device)
+    keep = attention_mask.bool() if attention_mask is not None else tokens != pad_token_id
+    empty = (~keep.any(dim=-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequences {empty} of the batch have no tokens (all padding)")
+    index = torch.arange(n_pos, device=tokens.device)
+    return (index * keep).argmax(dim=-1)
+
+
+class RewardModel(HookedSAETransformer):
+    """A reward model as a ``HookedSAETransformer`` whose unembed is the reward head.
+
+    ``rm(tokens)`` returns ``[batch, pos, 1]`` (the reward read at every position);
+    ``rm.reward(tokens, attention_mask)`` returns ``[batch]`` at the pooled position.
+    Build one with :meth:`from_hf` or :meth:`from_pretrained`.
+
+    Attributes:
+        processing: the weight processing applied at load time.
+        hf_architecture: the Hugging Face architecture it was converted from.
+        pad_token_id: the pad id used to find the pooled position when no mask is given.
+    """
+
+    processing: WeightProcessing
+    hf_architecture: str
+    pad_token_id: int | None
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf_model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        n_ctx: int | None = None,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        fold_value_biases: bool = True,
+    ) -> "RewardModel":
+        """Convert an in-memory HF ``*ForSequenceClassification`` reward model. No hub access.
+
+        Args:
+            hf_model: the HF reward model (one output label).
+            tokenizer: its tokenizer, used for text input and as ``rm.tokenizer``; not modified.
+            device: where the model lives (default: the HF model's device).
+            dtype: parameter dtype (default: the HF model's dtype).
+            n_ctx: longest sequence accepted; default is the model's context, capped at
+                ``DEFAULT_MAX_N_CTX`` because TransformerLens allocates ``[n_ctx, n_ctx]``
+                masks per layer.
+            fold_ln, center_writing_weights, fold_value_biases: weight processing (exact).
+        """
+        hf_config = hf_model.config
+        architecture = type(hf_model).__name__
+        spec = spec_for(architecture)
+        if hf_model.score.out_features != 1:
+            raise ValueError(
+                f"a reward model has one output, but {architecture}'s score head has "
+                f"num_labels={hf_model.score.out_features}"
+            )
+        param = next(hf_model.parameters())
+        fields = spec.tl_config(hf_config)
+        fields["n_ctx"] = n_ctx or min(fields["n_ctx"], DEFAULT_MAX_N_CTX)
+        cfg = HookedTransformerConfig(
+            **fields,
+            d_vocab_out=1,
+            original_architecture=architecture,
+            device=str(device or param.device),
+            dtype=dtype or param.dtype,
+            default_prepend_bos=False,
+        )
+        model = cls(cfg, move_to_device=True)
+        state_dict = _reward_state_dict(hf_model, spec, cfg)
+        processing = WeightProcessing(
+            fold_ln=fold_ln and spec.processing["fold_ln"],
+            center_writing_weights=center_writing_weights and spec.processing["center_writing_weights"],
+            fold_value_biases=fold_value_biases and spec.processing["fold_value_biases"],
+        )
+        model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **processing.as_dict())
+        model.processing = processing
+        model.hf_architecture = architecture
+        model.pad_token_id = hf_config.pad_token_id
+        if tokenizer is not None:
+            model.set_reward_tokenizer(tokenizer)
+        model.eval()
+        return model
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        name_or_path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        n_ctx: int | None = None,
+        local_files_only: bool | None = None,
+        **from_hf_kwargs: Any,
+    ) -> "RewardModel":
+        """Load a reward model through transformers, then convert it with :meth:`from_hf`.
+
+        A local directory is read offline (``local_files_only=True``); a hub name needs network
+        unless it is in the local HF cache.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if local_files_only is None:
+            local_files_only = Path(name_or_path).is_dir()
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            str(name_or_path), local_files_only=local_files_only, dtype=dtype or torch.float32
+        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
+        except (OSError, ValueError):
+            tokenizer = None
+        return cls.from_hf(hf_model, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
+
+    def set_reward_tokenizer(self, tokenizer: Any) -> None:
+        """Use ``tokenizer`` for text input, without the hub look-ups TL's ``set_tokenizer`` makes.
+
+        A tokenizer without a pad token is fine: pm_lens pads with its own id and always
+        passes an attention mask (see ``pm_lens.data.encode_texts``).
+        """
+        self.tokenizer = tokenizer
+        self.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+        if self.pad_token_id is None:
+            self.pad_token_id = tokenizer.pad_token_id
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: A002
+        if isinstance(input, Tensor) and not input.is_floating_point():
+            self.check_tokens(input, kwargs.get("attention_mask"))
+        return super().forward(input, *args, **kwargs)
+
+    def check_tokens(self, tokens: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Raise a ValueError if ``tokens`` cannot be run: wrong shape, ids outside the
+        vocabulary, longer than the context, or a mask of another shape."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens are empty (pos = 0)")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={self.cfg.n_ctx}; "
+                "truncate the input or load the model with a larger n_ctx"
+            )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.cfg.d_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.d_vocab})")
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from tokens shape {tuple(tokens.shape)}"
+            )
+
+    def reward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, " batch"]:
+        """The reward of each sequence, read at the last non-pad position (as Hugging Face does).
+
+        Pass ``attention_mask`` for padded batches (left or right padding). Without one, padding
+        is recognised by ``pad_token_id`` when the model has one. Raises ``FloatingPointError``
+        if a reward is NaN or infinite.
+        """
+        if attention_mask is None and self.pad_token_id is not None and (tokens == self.pad_token_id).any():
+            attention_mask = (tokens != self.pad_token_id).long()
+        per_position = self(tokens, attention_mask=attention_mask)[..., 0]
+        pos = final_positions(tokens, attention_mask, self.pad_token_id)
+        rewards = per_position.gather(1, pos[:, None])[:, 0]
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
+        return rewards
+
+
+def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+    """TransformerLens state dict of the body, with the ``score`` head as the unembedding."""
+    with torch.no_grad():
+        state_dict = spec.convert(causal_lm_view(hf_model, spec), cfg)
+        score = hf_model.score
+        state_dict["unembed.W_U"] = score.weight.T.clone()
+        state_dict["unembed.b_U"] = (
+            score.bias.clone() if score.bias is not None else torch.zeros(1, dtype=score.weight.dtype, device=score.weight.device)
+        )
+    bad = [name for name, w in state_dict.items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"the reward model has NaN or infinite weights in {shown}")
+    return state_dict
