@@ -1,0 +1,11 @@
+"""Preference data: pairs, loading, formatting and token batches."""
+
+from pm_lens.data.encoding import PairBatch as PairBatch
+from pm_lens.data.encoding import TokenBatch as TokenBatch
+from pm_lens.data.encoding import encode_completions as encode_completions
+from pm_lens.data.encoding import encode_pairs as encode_pairs
+from pm_lens.data.encoding import format_text as format_text
+from pm_lens.data.pairs import PreferencePair as PreferencePair
+from pm_lens.data.pairs import load_pairs as load_pairs
+from pm_lens.data.pairs import pairs_from_records as pairs_from_records
+from pm_lens.data.pairs import split_hh as split_hh

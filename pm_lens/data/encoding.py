@@ -1,0 +1,166 @@
+"""Turning prompts and completions into padded token batches a reward model can read.
+
+Formatting: the tokenizer's chat template when it has one (the prompt's turns as user and
+assistant messages, the completion as the last assistant message); otherwise the HH-RLHF plain
+template ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {completion}"``, which reproduces an HH
+transcript exactly.
+
+Encoding: each text is tokenized on its own, then padded to the longest in the batch (right or
+left) with an attention mask. The first completion token of every row is recorded, so later
+stages can restrict themselves to the completion.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from pm_lens.data.pairs import ASSISTANT, HUMAN, PreferencePair, hh_turns
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Padded token ids of a batch of texts.
+
+    Attributes:
+        tokens: ``[batch, pos]`` token ids (pad positions hold ``pad_token_id``).
+        attention_mask: ``[batch, pos]``, 1 on real tokens and 0 on padding.
+        completion_start: ``[batch]`` position of each row's first completion token.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    completion_start: Int[Tensor, " batch"]
+
+    def to(self, device: str | torch.device) -> "TokenBatch":
+        return TokenBatch(self.tokens.to(device), self.attention_mask.to(device), self.completion_start.to(device))
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """The chosen and the rejected side of a batch of pairs, each padded on its own."""
+
+    chosen: TokenBatch
+    rejected: TokenBatch
+
+
+def format_text(tokenizer: Any, prompt: str, completion: str) -> str:
+    """The model input for ``completion`` answering ``prompt`` (chat template or HH plain text).
+
+    Raises ValueError for an empty (or whitespace-only) completion: its reward would be read
+    at a template token and mean nothing.
+    """
+    if not completion.strip():
+        raise ValueError(f"empty completion for prompt {prompt[:60]!r}: a reward needs a completion to read")
+    if getattr(tokenizer, "chat_template", None):
+        messages = hh_turns(prompt) + [{"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return _plain_template(prompt, completion)
+
+
+def _plain_template(prompt: str, completion: str) -> str:
+    if HUMAN in prompt:
+        return f"{prompt}{ASSISTANT} {completion}"
+    return f"{HUMAN} {prompt}{ASSISTANT} {completion}"
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id pm_lens pads with: the pad token, else eos, else 0 (padding is masked anyway)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def encode_completions(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    max_len: int,
+    padding_side: Literal["right", "left"] = "right",
+    truncate: bool = False,
+) -> TokenBatch:
+    """Format and tokenize each (prompt, completion) and pad them into one batch.
+
+    Args:
+        max_len: the model's context (``rm.cfg.n_ctx``). A longer text raises a ValueError
+            naming it, unless ``truncate``: then the start of the prompt is cut (the reward is
+            read at the end) and a warning says how many texts were cut.
+        padding_side: where the padding goes; rewards are the same either way.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("nothing to encode: no prompts")
+    rows, starts, cut = [], [], 0
+    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids, start = _encode_one(tokenizer, prompt, completion)
+        if len(ids) > max_len:
+            if not truncate:
+                raise ValueError(
+                    f"text {index} is {len(ids)} tokens, longer than the context max_len={max_len}; "
+                    "shorten it or pass truncate=True to cut the start of the prompt"
+                )
+            ids, start, cut = ids[-max_len:], max(0, start - (len(ids) - max_len)), cut + 1
+        rows.append(ids)
+        starts.append(start)
+    if cut:
+        warnings.warn(f"truncated {cut} of {len(rows)} texts to the context of {max_len} tokens", stacklevel=2)
+    return _pad(rows, starts, pad_token_id(tokenizer), padding_side)
+
+
+def encode_pairs(
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    *,
+    max_len: int,
+    padding_side: Literal["right", "left"] = "right",
+    truncate: bool = False,
+) -> PairBatch:
+    """Encode the chosen and the rejected side of ``pairs`` (see :func:`encode_completions`)."""
+    prompts = [pair.prompt for pair in pairs]
+    kwargs = dict(max_len=max_len, padding_side=padding_side, truncate=truncate)
+    return PairBatch(
+        chosen=encode_completions(tokenizer, prompts, [p.chosen for p in pairs], **kwargs),
+        rejected=encode_completions(tokenizer, prompts, [p.rejected for p in pairs], **kwargs),
+    )
+
+
+def _encode_one(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
+    """Token ids of the formatted text and the index of the first completion token."""
+    text = format_text(tokenizer, prompt, completion)
+    # A chat template writes its own special tokens; a plain text gets the tokenizer's (e.g. BOS).
+    add_special = not getattr(tokenizer, "chat_template", None)
+    char_start = text.rfind(completion)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        start = next((i for i, (_, end) in enumerate(offsets) if end > char_start), len(ids) - 1)
+    else:
+        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        start = len(tokenizer(text[:char_start], add_special_tokens=add_special)["input_ids"])
+    if not ids:
+        raise ValueError(f"the tokenizer produced no tokens for {text[:60]!r}")
+    return list(ids), min(start, len(ids) - 1)
+
+
+def _pad(rows: list[list[int]], starts: list[int], pad_id: int, side: str) -> TokenBatch:
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
+    for i, ids in enumerate(rows):
+        offset = width - len(ids) if side == "left" else 0
+        tokens[i, offset : offset + len(ids)] = torch.tensor(ids)
+        mask[i, offset : offset + len(ids)] = 1
+        offsets.append(offset)
+    return TokenBatch(tokens, mask, torch.tensor(starts) + torch.tensor(offsets))
