@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -84,7 +84,7 @@ def encode_completions(
     completions: Sequence[str],
     *,
     max_len: int,
-    padding_side: Literal["right", "left"] = "right",
+    padding_side: str = "right",
     truncate: bool = False,
 ) -> TokenBatch:
     """Format and tokenize each (prompt, completion) and pad them into one batch.
@@ -123,7 +123,7 @@ def encode_pairs(
     pairs: Sequence[PreferencePair],
     *,
     max_len: int,
-    padding_side: Literal["right", "left"] = "right",
+    padding_side: str = "right",
     truncate: bool = False,
 ) -> PairBatch:
     """Encode the chosen and the rejected side of ``pairs`` (see :func:`encode_completions`)."""

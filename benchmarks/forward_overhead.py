@@ -1,0 +1,392 @@
+"""Cost of running a reward model through pm_lens instead of plain Hugging Face.
+
+pm_lens wraps a ``*ForSequenceClassification`` reward model as a TransformerLens
+``HookedSAETransformer`` (``RewardModel``). This script measures what that costs, on a
+SmolLM2-135M-sized random Llama reward model (30 layers, d_model 576, 9 heads, 3 KV heads),
+float32 on CPU:
+
+1. Build the HF model from a config (fixed seed) and convert it with ``RewardModel.from_hf``.
+2. Check they compute the same thing: max |reward difference| on every input set.
+3. Time, interleaved (HF, pm_lens, HF, pm_lens, ...) after a warm-up so that machine noise
+   hits both alike, and take the median of ``--repeats`` runs of
+   (a) the forward pass under ``torch.no_grad`` and
+   (b) forward + backward of the summed reward with respect to all parameters,
+   on a full batch (all-ones mask) and on a right-padded batch.
+4. Profile one forward of each with ``torch.profiler`` and time the model's components
+   (embedding, norms, attention, MLP, head) with forward hooks, to show where extra time goes.
+5. Optionally (``--variants``) time TransformerLens config options and calling patterns that
+   might change the speed, against the same HF baseline.
+
+How to read it: ``ratio = pm_lens / HF``; the target is a ratio <= 1.25. Absolute seconds on
+a shared 2-core machine are noisy; the ratios, measured side by side, are what to compare.
+In the profile tables ``extra ms`` is pm_lens minus HF per forward, so the rows at the top
+are where pm_lens loses time.
+
+Run ``python benchmarks/forward_overhead.py --help`` for options; ``--quick`` smoke-tests the
+script on a tiny model in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from transformer_lens import HookedTransformerConfig  # noqa: E402
+
+from pm_lens.model.reward_model import RewardModel  # noqa: E402
+from pm_lens.testing import tiny_hf_reward_model  # noqa: E402
+
+ARCHITECTURE = "LlamaForSequenceClassification"
+TARGET_RATIO = 1.25
+
+# SmolLM2-135M's shape (see docs in /work/shared/NOTES.md); untied embeddings, random weights.
+SMOLLM2_CONFIG = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=2048,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=False,
+)
+QUICK_CONFIG = dict(
+    vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=False,
+)
+PAD_TOKEN_ID = 0  # tiny_hf_reward_model's pad id; random tokens are drawn above it
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One input set: tokens (pad id at padded positions, as HF pooling expects) and its mask."""
+
+    name: str
+    tokens: Tensor
+    attention_mask: Tensor
+
+
+@dataclass(frozen=True)
+class Models:
+    hf: torch.nn.Module
+    rm: RewardModel
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build_models(config: dict, *, seed: int) -> Models:
+    """The HF reward model (random init with ``seed``, float32, eval) and its pm_lens conversion."""
+    hf = tiny_hf_reward_model(ARCHITECTURE, seed=seed, **config)
+    rm = RewardModel.from_hf(hf)
+    return Models(hf=hf, rm=rm)
+
+
+def make_batches(*, vocab_size: int, batch: int, n_pos: int, seed: int) -> list[Batch]:
+    """A full batch (all-ones mask) and the same tokens right-padded to random lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(PAD_TOKEN_ID + 1, vocab_size, (batch, n_pos), generator=generator)
+    full = Batch("full", tokens, torch.ones_like(tokens))
+    lengths = torch.randint(n_pos // 2, n_pos + 1, (batch,), generator=generator)
+    mask = (torch.arange(n_pos)[None, :] < lengths[:, None]).long()
+    padded = Batch("right-padded", tokens.masked_fill(mask == 0, PAD_TOKEN_ID), mask)
+    return [full, padded]
+
+
+def hf_reward(hf: torch.nn.Module, batch: Batch) -> Tensor:
+    return hf(batch.tokens, attention_mask=batch.attention_mask).logits[:, 0]
+
+
+def tl_reward(rm: RewardModel, batch: Batch) -> Tensor:
+    return rm.reward(batch.tokens, batch.attention_mask)
+
+
+def max_reward_diff(models: Models, batch: Batch) -> tuple[float, float]:
+    """Max |HF - pm_lens| reward difference, and the largest |reward| for scale."""
+    with torch.no_grad():
+        hf, tl = hf_reward(models.hf, batch), tl_reward(models.rm, batch)
+    return (hf - tl).abs().max().item(), hf.abs().max().item()
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def forward_only(model: torch.nn.Module, reward_fn: Callable, batch: Batch) -> Callable[[], float]:
+    """A timed forward under ``no_grad``; returns seconds."""
+
+    def run() -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            reward_fn(model, batch)
+            return time.perf_counter() - start
+
+    return run
+
+
+def forward_backward(model: torch.nn.Module, reward_fn: Callable, batch: Batch) -> Callable[[], float]:
+    """A timed forward + backward of the summed reward w.r.t. all parameters; returns seconds.
+
+    Gradients are cleared (outside the timed region) so each run allocates them afresh.
+    """
+
+    def run() -> float:
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        reward_fn(model, batch).sum().backward()
+        return time.perf_counter() - start
+
+    return run
+
+
+def interleaved_medians(runs: dict[str, Callable[[], float]], *, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each run, calling them in turn (a, b, a, b, ...) after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_table(models: Models, batches: list[Batch], *, repeats: int, warmup: int) -> pd.DataFrame:
+    """HF vs pm_lens seconds and their ratio, for forward and forward+backward on each batch."""
+    rows = []
+    modes = {"forward (no_grad)": forward_only, "forward+backward": forward_backward}
+    for mode, make_run in modes.items():
+        for batch in batches:
+            runs = {
+                "HF": make_run(models.hf, hf_reward, batch),
+                "pm_lens": make_run(models.rm, tl_reward, batch),
+            }
+            medians = interleaved_medians(runs, repeats=repeats, warmup=warmup)
+            diff, scale = max_reward_diff(models, batch)
+            rows.append({
+                "pass": mode, "input": batch.name, "HF s": medians["HF"], "pm_lens s": medians["pm_lens"],
+                "ratio": medians["pm_lens"] / medians["HF"], "max |dreward|": diff, "max |reward|": scale,
+            })
+    models.hf.zero_grad(set_to_none=True)
+    models.rm.zero_grad(set_to_none=True)
+    table = pd.DataFrame(rows)
+    table["target met"] = table["ratio"] <= TARGET_RATIO
+    return table
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def op_profile(run: Callable[[], object], *, by_shape: bool = False) -> pd.DataFrame:
+    """Self CPU milliseconds and call counts per aten op (and input shape) for one call of ``run``."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
+        run()
+    rows = [
+        {"op": e.key, "shapes": str(e.input_shapes) if by_shape else "", "ms": e.self_cpu_time_total / 1e3,
+         "calls": e.count}
+        for e in prof.key_averages(group_by_input_shape=by_shape)
+        if e.self_cpu_time_total > 0
+    ]
+    return pd.DataFrame(rows)
+
+
+def op_comparison(models: Models, batch: Batch, *, top: int) -> pd.DataFrame:
+    """Per-op self time in one forward, HF vs pm_lens, sorted by pm_lens's extra milliseconds."""
+    hf = op_profile(lambda: hf_reward(models.hf, batch)).set_index("op")
+    tl = op_profile(lambda: tl_reward(models.rm, batch)).set_index("op")
+    table = hf[["ms", "calls"]].join(tl[["ms", "calls"]], how="outer", lsuffix=" HF", rsuffix=" pm_lens")
+    table = table.fillna(0)
+    table["extra ms"] = table["ms pm_lens"] - table["ms HF"]
+    total = table[["ms HF", "ms pm_lens", "extra ms"]].sum().rename("(all ops)")
+    table = table.sort_values("extra ms", ascending=False)
+    shown = pd.concat([table.head(top), table.tail(3), total.to_frame().T])
+    return shown[["ms HF", "calls HF", "ms pm_lens", "calls pm_lens", "extra ms"]]
+
+
+# Which submodules make up each component, in each model (the rest is residual adds,
+# masks, hook points, pooling and Python between modules).
+HF_COMPONENTS = {"embed": ("embed_tokens",), "norms": ("input_layernorm", "post_attention_layernorm", "norm"),
+                 "attention": ("self_attn", "rotary_emb"), "mlp": ("mlp",), "head": ("score",)}
+TL_COMPONENTS = {"embed": ("embed",), "norms": ("ln1", "ln2", "ln_final"), "attention": ("attn",),
+                 "mlp": ("mlp",), "head": ("unembed",)}
+
+
+def component_times(model: torch.nn.Module, run: Callable[[], object], components: dict[str, tuple[str, ...]],
+                    *, repeats: int) -> dict[str, float]:
+    """Median milliseconds per component over ``repeats`` forwards, timed with forward hooks."""
+    kinds = {leaf: kind for kind, leaves in components.items() for leaf in leaves}
+    totals: dict[str, list[float]] = defaultdict(list)
+    current: dict[str, float] = defaultdict(float)
+    starts: dict[int, float] = {}
+
+    def pre_hook(module: torch.nn.Module, *_: object) -> None:
+        starts[id(module)] = time.perf_counter()
+
+    def post_hook(kind: str) -> Callable:
+        def hook(module: torch.nn.Module, *_: object) -> None:
+            current[kind] += time.perf_counter() - starts.pop(id(module))
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        kind = kinds.get(name.rsplit(".", 1)[-1])
+        if kind is not None and not any(name.startswith(p + ".") for p in _names_with_kind(model, kinds)):
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook(kind)))
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                current.clear()
+                start = time.perf_counter()
+                run()
+                elapsed = time.perf_counter() - start
+                for kind in components:
+                    totals[kind].append(current[kind])
+                totals["rest"].append(elapsed - sum(current.values()))
+                totals["total"].append(elapsed)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {kind: 1e3 * statistics.median(ts) for kind, ts in totals.items()}
+
+
+def _names_with_kind(model: torch.nn.Module, kinds: dict[str, str]) -> list[str]:
+    """Qualified names of modules that are themselves timed (so their children are not)."""
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in kinds]
+
+
+def component_comparison(models: Models, batch: Batch, *, repeats: int) -> pd.DataFrame:
+    hf = component_times(models.hf, lambda: hf_reward(models.hf, batch), HF_COMPONENTS, repeats=repeats)
+    tl = component_times(models.rm, lambda: tl_reward(models.rm, batch), TL_COMPONENTS, repeats=repeats)
+    table = pd.DataFrame({"HF ms": hf, "pm_lens ms": tl})
+    table["extra ms"] = table["pm_lens ms"] - table["HF ms"]
+    table["ratio"] = table["pm_lens ms"] / table["HF ms"]
+    return table
+
+
+def top_tl_ops_by_shape(models: Models, batch: Batch, *, top: int) -> pd.DataFrame:
+    table = op_profile(lambda: tl_reward(models.rm, batch), by_shape=True)
+    return table.sort_values("ms", ascending=False).head(top).set_index(["op", "shapes"])
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def rm_with_cfg(rm: RewardModel, **cfg_overrides: object) -> RewardModel:
+    """A copy of ``rm`` whose HookedTransformerConfig has ``cfg_overrides`` (same weights)."""
+    cfg = HookedTransformerConfig(**(rm.cfg.to_dict() | cfg_overrides))
+    variant = RewardModel(cfg, move_to_device=True)
+    variant.load_state_dict(rm.state_dict(), strict=False)
+    variant.processing, variant.hf_architecture, variant.pad_token_id = rm.processing, rm.hf_architecture, rm.pad_token_id
+    return variant.eval()
+
+
+def variant_table(models: Models, batch: Batch, *, repeats: int, warmup: int) -> pd.DataFrame:
+    """Forward seconds of pm_lens variants and of HF's eager attention, each against HF (SDPA)."""
+    hf_eager = tiny_hf_reward_model(ARCHITECTURE, seed=0, attn_implementation="eager", **_config_of(models.hf))
+    hf_eager.load_state_dict(models.hf.state_dict())
+    no_mask = Batch(batch.name + ", no mask", batch.tokens, batch.attention_mask)
+    candidates: dict[str, Callable[[], float]] = {
+        "pm_lens as is": forward_only(models.rm, tl_reward, batch),
+        "pm_lens, mask omitted": forward_only(models.rm, lambda rm, b: rm.reward(b.tokens), no_mask),
+        "pm_lens, ungroup_grouped_query_attention": forward_only(
+            rm_with_cfg(models.rm, ungroup_grouped_query_attention=True), tl_reward, batch),
+        "pm_lens, use_attn_result (hooks per head)": forward_only(
+            rm_with_cfg(models.rm, use_attn_result=True), tl_reward, batch),
+        "HF, attn_implementation='eager'": forward_only(hf_eager, hf_reward, batch),
+    }
+    rows = []
+    for name, run in candidates.items():
+        medians = interleaved_medians({"HF": forward_only(models.hf, hf_reward, batch), name: run},
+                                      repeats=repeats, warmup=warmup)
+        rows.append({"variant": name, "HF s": medians["HF"], "variant s": medians[name],
+                     "ratio to HF": medians[name] / medians["HF"]})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def _config_of(hf: torch.nn.Module) -> dict:
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "rope_parameters",
+              "tie_word_embeddings")
+    return {f: getattr(hf.config, f) for f in fields}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before each measurement")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n-pos", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch.get_num_threads())")
+    parser.add_argument("--top", type=int, default=12, help="rows of the op-level profile tables")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profile tables")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time TransformerLens config options and calling patterns")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model and batch (2 layers, d_model 64, 2 x 16 tokens) to smoke-test")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        config, args.batch, args.n_pos, args.repeats = QUICK_CONFIG, 2, 16, min(args.repeats, 3)
+    else:
+        config = SMOLLM2_CONFIG
+    pd.set_option("display.width", 200)
+    pd.set_option("display.float_format", lambda x: f"{x:.4g}")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"repeats {args.repeats} (median), warm-up {args.warmup}, interleaved HF / pm_lens")
+    start = time.perf_counter()
+    models = build_models(config, seed=args.seed)
+    n_params = sum(p.numel() for p in models.hf.parameters())
+    print(f"{ARCHITECTURE}: {config['num_hidden_layers']} layers, d_model {config['hidden_size']}, "
+          f"{config['num_attention_heads']} heads / {config['num_key_value_heads']} KV heads, "
+          f"{n_params / 1e6:.1f}M params, HF attention {models.hf.config._attn_implementation!r}; "
+          f"built in {time.perf_counter() - start:.1f} s")
+    batches = make_batches(vocab_size=config["vocab_size"], batch=args.batch, n_pos=args.n_pos, seed=args.seed)
+    print(f"inputs: {args.batch} x {args.n_pos} random tokens; right-padded lengths "
+          f"{batches[1].attention_mask.sum(-1).tolist()}\n")
+
+    table = time_table(models, batches, repeats=args.repeats, warmup=args.warmup)
+    print(table.to_string(index=False))
+    met = bool(table["target met"].all())
+    print(f"\ntarget: pm_lens / HF <= {TARGET_RATIO}x -> {'met' if met else 'NOT met'} "
+          f"(worst {table['ratio'].max():.2f}x: {table.loc[table['ratio'].idxmax(), 'pass']}, "
+          f"{table.loc[table['ratio'].idxmax(), 'input']})")
+
+    if not args.no_profile:
+        full = batches[0]
+        print(f"\nWhere the time goes: one forward (no_grad, '{full.name}' batch)")
+        print("\nComponents (forward hooks, median of runs; 'rest' = residual adds, masks, hooks, pooling):")
+        print(component_comparison(models, full, repeats=args.repeats).to_string())
+        print("\nOps (torch.profiler self CPU ms; sorted by pm_lens's extra ms over HF):")
+        print(op_comparison(models, full, top=args.top).to_string())
+        print("\npm_lens's most expensive ops by input shape:")
+        print(top_tl_ops_by_shape(models, full, top=args.top).to_string())
+
+    if args.variants:
+        print(f"\nVariants (forward, no_grad, '{batches[0].name}' batch; each interleaved with HF SDPA):")
+        print(variant_table(models, batches[0], repeats=args.repeats, warmup=args.warmup).to_string())
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Formatting and encoding: padding, completion positions, chat templates and bad input."""
+
+import pytest
+import torch
+
+from pm_lens.data import PreferencePair, encode_completions, encode_pairs, format_text
+from pm_lens.testing import char_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+)
+
+
+def test_plain_template(tokenizer):
+    assert format_text(tokenizer, "Hi?", "Hello.") == "\n\nHuman: Hi?\n\nAssistant: Hello."
+
+
+def test_chat_template_is_used_when_present(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert format_text(tokenizer, "Hi?", "Hello.") == "<bos>user: Hi?<eos><bos>assistant: Hello.<eos>"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_and_completion_start(tokenizer, side):
+    batch = encode_completions(tokenizer, ["Hi?", "What is the capital of France?"], ["Hello.", "Paris"], max_len=128,
+                               padding_side=side)
+    lengths = batch.attention_mask.sum(-1)
+    assert batch.tokens.shape == (2, int(lengths.max()))
+    for row, completion in enumerate(["Hello.", "Paris"]):
+        real = batch.tokens[row][batch.attention_mask[row].bool()]
+        assert tokenizer.decode(real).endswith(completion)
+        start = int(batch.completion_start[row])
+        assert tokenizer.decode(batch.tokens[row, start:start + len(completion)]) == completion
+        assert (batch.tokens[row][~batch.attention_mask[row].bool()] == tokenizer.pad_token_id).all()
+    pads_first = batch.attention_mask[:, 0] == 0
+    assert pads_first.any() == (side == "left")
+
+
+def test_completion_start_with_chat_template(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    batch = encode_completions(tokenizer, ["Hi?"], ["Hello."], max_len=128)
+    start = int(batch.completion_start[0])
+    assert tokenizer.decode(batch.tokens[0, start:start + 6]) == "Hello."
+    # The chat template writes its own <bos>; no second one is added.
+    assert int((batch.tokens[0] == tokenizer.bos_token_id).sum()) == 2
+
+
+def test_pairs_encode_each_side(tokenizer):
+    pairs = [PreferencePair("Q?", "Yes.", "No, never, not at all.")]
+    batch = encode_pairs(tokenizer, pairs, max_len=128)
+    assert batch.chosen.tokens.shape[1] < batch.rejected.tokens.shape[1]
+
+
+def test_empty_completion_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="empty completion for prompt 'Hi\\?'"):
+        encode_completions(tokenizer, ["Hi?"], ["  "], max_len=128)
+
+
+def test_too_long_raises_or_truncates_from_the_left(tokenizer):
+    prompt, completion = "x" * 100, "The end."
+    with pytest.raises(ValueError, match=r"text 0 is \d+ tokens, longer than the context max_len=40"):
+        encode_completions(tokenizer, [prompt], [completion], max_len=40)
+    with pytest.warns(UserWarning, match="truncated 1 of 1 texts to the context of 40 tokens"):
+        batch = encode_completions(tokenizer, [prompt], [completion], max_len=40, truncate=True)
+    assert batch.tokens.shape == (1, 40)
+    assert tokenizer.decode(batch.tokens[0]).endswith(completion)
+    start = int(batch.completion_start[0])
+    assert tokenizer.decode(batch.tokens[0, start:]) == completion
+
+
+def test_tokenizer_without_pad_token_pads_with_eos():
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = None
+    batch = encode_completions(tokenizer, ["a", "a"], ["b", "bbbb"], max_len=128)
+    assert batch.tokens[0, -1] == tokenizer.eos_token_id
+    assert batch.attention_mask[0, -1] == 0
+
+
+def test_mismatched_lengths_and_bad_side(tokenizer):
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        encode_completions(tokenizer, ["a", "b"], ["c"], max_len=128)
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
+        encode_completions(tokenizer, ["a"], ["c"], max_len=128, padding_side="middle")
