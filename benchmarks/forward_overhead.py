@@ -29,6 +29,7 @@ script on a tiny model in seconds.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -235,12 +236,14 @@ def component_times(model: torch.nn.Module, run: Callable[[], object], component
 
         return hook
 
+    timed = {name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in kinds}
     handles = []
-    for name, module in model.named_modules():
-        kind = kinds.get(name.rsplit(".", 1)[-1])
-        if kind is not None and not any(name.startswith(p + ".") for p in _names_with_kind(model, kinds)):
-            handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(post_hook(kind)))
+    for name, module in timed.items():
+        if any(name.startswith(outer + ".") for outer in timed):
+            continue  # inside a timed module: counted there already
+        kind = kinds[name.rsplit(".", 1)[-1]]
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook(kind)))
     try:
         with torch.no_grad():
             for _ in range(repeats):
@@ -256,11 +259,6 @@ def component_times(model: torch.nn.Module, run: Callable[[], object], component
         for handle in handles:
             handle.remove()
     return {kind: 1e3 * statistics.median(ts) for kind, ts in totals.items()}
-
-
-def _names_with_kind(model: torch.nn.Module, kinds: dict[str, str]) -> list[str]:
-    """Qualified names of modules that are themselves timed (so their children are not)."""
-    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in kinds]
 
 
 def component_comparison(models: Models, batch: Batch, *, repeats: int) -> pd.DataFrame:
@@ -284,23 +282,22 @@ def rm_with_cfg(rm: RewardModel, **cfg_overrides: object) -> RewardModel:
     """A copy of ``rm`` whose HookedTransformerConfig has ``cfg_overrides`` (same weights)."""
     cfg = HookedTransformerConfig(**(rm.cfg.to_dict() | cfg_overrides))
     variant = RewardModel(cfg, move_to_device=True)
-    variant.load_state_dict(rm.state_dict(), strict=False)
+    variant.load_state_dict(rm.state_dict())
     variant.processing, variant.hf_architecture, variant.pad_token_id = rm.processing, rm.hf_architecture, rm.pad_token_id
     return variant.eval()
 
 
 def variant_table(models: Models, batch: Batch, *, repeats: int, warmup: int) -> pd.DataFrame:
     """Forward seconds of pm_lens variants and of HF's eager attention, each against HF (SDPA)."""
-    hf_eager = tiny_hf_reward_model(ARCHITECTURE, seed=0, attn_implementation="eager", **_config_of(models.hf))
-    hf_eager.load_state_dict(models.hf.state_dict())
-    no_mask = Batch(batch.name + ", no mask", batch.tokens, batch.attention_mask)
+    hf_eager = copy.deepcopy(models.hf)
+    hf_eager.set_attn_implementation("eager")
     candidates: dict[str, Callable[[], float]] = {
         "pm_lens as is": forward_only(models.rm, tl_reward, batch),
-        "pm_lens, mask omitted": forward_only(models.rm, lambda rm, b: rm.reward(b.tokens), no_mask),
+        "pm_lens, mask omitted": forward_only(models.rm, lambda rm, b: rm.reward(b.tokens), batch),
         "pm_lens, ungroup_grouped_query_attention": forward_only(
             rm_with_cfg(models.rm, ungroup_grouped_query_attention=True), tl_reward, batch),
-        "pm_lens, use_attn_result (hooks per head)": forward_only(
-            rm_with_cfg(models.rm, use_attn_result=True), tl_reward, batch),
+        "pm_lens, use_split_qkv_input": forward_only(
+            rm_with_cfg(models.rm, use_split_qkv_input=True), tl_reward, batch),
         "HF, attn_implementation='eager'": forward_only(hf_eager, hf_reward, batch),
     }
     rows = []
@@ -310,13 +307,6 @@ def variant_table(models: Models, batch: Batch, *, repeats: int, warmup: int) ->
         rows.append({"variant": name, "HF s": medians["HF"], "variant s": medians[name],
                      "ratio to HF": medians[name] / medians["HF"]})
     return pd.DataFrame(rows).set_index("variant")
-
-
-def _config_of(hf: torch.nn.Module) -> dict:
-    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "rope_parameters",
-              "tie_word_embeddings")
-    return {f: getattr(hf.config, f) for f in fields}
 
 
 # ----------------------------------------------------------------------------- main
