@@ -1,0 +1,162 @@
+"""Attaching SAELens SAEs to a reward model, at several hook points at once.
+
+Each SAE is spliced in at its hook point (``sae.cfg.metadata.hook_name``) with SAELens's
+``add_sae``. With the error term (the default) the hook's output is ``SAE(x) + (x - SAE(x))``,
+so the reward is unchanged while every feature becomes a node one can read, hook and ablate; the
+error is computed without gradient from a clean re-encode, so gradients reach the features.
+
+While an SAE is attached its hook point is replaced: ``blocks.N.hook_resid_post`` is no longer a
+hook name; its children are ``...hook_sae_input``, ``...hook_sae_acts_post``,
+``...hook_sae_error`` and ``...hook_sae_output``.
+
+SAELens's ``add_sae`` only logs a warning for an unknown hook name and never checks widths;
+:func:`attach_saes` checks everything first and raises a ValueError that names the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE
+from torch import Tensor
+
+from pm_lens.model import RewardModel
+
+FEATURE_HOOK = "hook_sae_acts_post"
+
+
+def hook_widths(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, int]:
+    """The width of the activation at each hook (last dim; heads x d_head for ``hook_z``).
+
+    Runs the model on two tokens; raises a ValueError for names that are not hook points,
+    listing some that are.
+    """
+    unknown = [name for name in hook_names if name not in rm.hook_dict]
+    if unknown:
+        raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {_example_hooks(rm)}")
+    shapes: dict[str, int] = {}
+
+    def record(act: Tensor, hook: Any) -> None:
+        shapes[hook.name] = act.shape[-2] * act.shape[-1] if hook.name.endswith("hook_z") else act.shape[-1]
+
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=rm.cfg.device)
+    with torch.no_grad():
+        rm.run_with_hooks(tokens, fwd_hooks=[(name, record) for name in hook_names], stop_at_layer=_stop_layer(rm, hook_names))
+    return shapes
+
+
+def _stop_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
+    layers = [int(name.split(".")[1]) for name in hook_names if name.startswith("blocks.")]
+    if len(layers) < len(hook_names) or max(layers) + 1 >= rm.cfg.n_layers:
+        return None
+    return max(layers) + 1
+
+
+def _example_hooks(rm: RewardModel) -> list[str]:
+    last = rm.cfg.n_layers - 1
+    names = ["blocks.0.hook_resid_pre", f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_mlp_out",
+             f"blocks.{last}.attn.hook_z", f"blocks.{last}.mlp.hook_post"]
+    return [name for name in names if name in rm.hook_dict]
+
+
+def check_saes(rm: RewardModel, saes: Sequence[SAE]) -> None:
+    """Raise a ValueError if any SAE cannot be attached to ``rm``: unknown or duplicate hook
+    name, an SAE already attached there, ``d_in`` that does not fit, another dtype or device."""
+    names = [sae.cfg.metadata.hook_name for sae in saes]
+    if None in names:
+        raise ValueError("an SAE has no hook name: set it in its config (SAEMetadata(hook_name=...))")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"several SAEs for the same hook point(s) {duplicates}; attach one SAE per hook")
+    attached = [name for name in names if name in rm.acts_to_saes]
+    if attached:
+        raise ValueError(f"an SAE is already attached at {attached}; detach it first (detach_saes)")
+    widths = hook_widths(rm, names)
+    param = next(rm.parameters())
+    for sae, name in zip(saes, names):
+        if sae.cfg.d_in != widths[name]:
+            raise ValueError(f"SAE for {name} has d_in={sae.cfg.d_in}, but the activation there has width {widths[name]}")
+        if sae.W_dec.dtype != param.dtype:
+            raise ValueError(f"SAE for {name} is {sae.W_dec.dtype} but the model is {param.dtype}; use sae.to({param.dtype})")
+        if sae.W_dec.device != param.device:
+            raise ValueError(f"SAE for {name} is on {sae.W_dec.device} but the model is on {param.device}; use sae.to('{param.device}')")
+
+
+def attach_saes(
+    rm: RewardModel,
+    saes: SAE | Sequence[SAE],
+    *,
+    use_error_term: bool = True,
+    exclude_token_ids: Sequence[int] = (),
+) -> None:
+    """Splice ``saes`` into ``rm`` at their hook points (permanently, until :func:`detach_saes`).
+
+    With ``use_error_term`` (default) rewards are unchanged; without it the SAE reconstruction
+    replaces the activation. At tokens in ``exclude_token_ids`` the SAEs are bypassed (the
+    activation passes through untouched and :func:`feature_acts` reads 0 there), e.g. a start
+    token that carries a massive activation.
+    """
+    saes = [saes] if isinstance(saes, SAE) else list(saes)
+    if not saes:
+        raise ValueError("no SAEs to attach")
+    check_saes(rm, saes)
+    for sae in saes:
+        rm.add_sae(sae, use_error_term=use_error_term, exclude_special_tokens=list(exclude_token_ids) or False)
+
+
+def detach_saes(rm: RewardModel, hook_names: str | Sequence[str] | None = None) -> None:
+    """Remove the SAEs at ``hook_names`` (all of them by default), restoring the hook points."""
+    rm.reset_saes(hook_names if hook_names is None or isinstance(hook_names, str) else list(hook_names))
+
+
+@contextmanager
+def saes_attached(
+    rm: RewardModel,
+    saes: SAE | Sequence[SAE],
+    *,
+    use_error_term: bool = True,
+    exclude_token_ids: Sequence[int] = (),
+) -> Iterator[RewardModel]:
+    """Attach ``saes`` for the duration of a ``with`` block, then restore the model exactly
+    (see :func:`attach_saes` for the arguments)."""
+    saes = [saes] if isinstance(saes, SAE) else list(saes)
+    attach_saes(rm, saes, use_error_term=use_error_term, exclude_token_ids=exclude_token_ids)
+    try:
+        yield rm
+    finally:
+        detach_saes(rm, [sae.cfg.metadata.hook_name for sae in saes])
+
+
+def attached_saes(rm: RewardModel) -> dict[str, SAE]:
+    """The SAEs attached to ``rm``, by hook name."""
+    return dict(rm.acts_to_saes)
+
+
+def feature_acts(
+    rm: RewardModel,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> dict[str, Float[Tensor, "batch pos d_sae"]]:
+    """Feature activations of every attached SAE at every position, by hook name.
+
+    Padding positions (``attention_mask`` 0) and tokens the SAE is bypassed at
+    (``exclude_token_ids`` of :func:`attach_saes`) read 0.
+    """
+    names = list(rm.acts_to_saes)
+    if not names:
+        raise ValueError("no SAEs are attached; use attach_saes(rm, saes) first")
+    with torch.no_grad():
+        _, cache = rm.run_with_cache(
+            tokens, attention_mask=attention_mask, names_filter=[f"{name}.{FEATURE_HOOK}" for name in names]
+        )
+    keep = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    acts = {}
+    for name in names:
+        excluded = rm._acts_to_saes[name].exclude_special_tokens
+        name_keep = keep & ~torch.isin(tokens, torch.tensor(excluded, device=tokens.device)) if excluded else keep
+        acts[name] = cache[f"{name}.{FEATURE_HOOK}"] * name_keep[..., None]
+    return acts

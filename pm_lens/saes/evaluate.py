@@ -1,0 +1,174 @@
+"""Evaluating SAEs where it matters for a preference model: in reward space.
+
+SAELens reports LM cross-entropy recovered, which means nothing for a scalar head. A PM cares
+whether the SAE keeps the *reward* and, above all, the *preference* between completions. For each
+SAE (and for all of them together) :func:`evaluate_sae` reports:
+
+- ``l0``: mean number of active features per token;
+- ``fvu``: fraction of variance unexplained, ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``;
+- ``dead_fraction``: fraction of features that never fire on the evaluation tokens;
+- ``reward_abs_error``: mean ``|r_sae - r|`` over all completions when the reconstruction
+  *replaces* the activation (no error term);
+- ``order_kept``: fraction of pairs whose preference (sign of the margin) survives;
+- ``margin_kept_median`` / ``margin_kept_mean``: ``margin_sae / margin`` per pair, summarised.
+
+Steps, per batch of pairs and for each side (chosen, rejected):
+1. one clean forward caches the activation at every SAE's hook and the reward;
+2. each SAE encodes and decodes the cached activations: L0, FVU and firing counts;
+3. each SAE alone, then all together, replace their activations (no error term): rewards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pm_lens.data import PreferencePair, TokenBatch, encode_pairs
+from pm_lens.model import RewardModel
+from pm_lens.saes.attach import check_saes, saes_attached
+
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class SAEEvaluation:
+    """What :func:`evaluate_sae` measured.
+
+    Attributes:
+        summary: one row per hook name (and ``"all"`` when several SAEs were given) with the
+            metrics listed in the module docstring, plus ``d_sae`` and ``n_tokens``.
+        per_pair: one row per pair: ``margin`` (clean) and ``margin_<hook>`` for each row of
+            ``summary``.
+    """
+
+    summary: pd.DataFrame
+    per_pair: pd.DataFrame
+
+
+class _TokenStats:
+    """Running sums for L0, FVU and firing counts of one SAE (float64 for stable variances)."""
+
+    def __init__(self, d_in: int, d_sae: int) -> None:
+        self.n = 0
+        self.active = 0.0
+        self.sq_error = 0.0
+        self.sum = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_sq = torch.zeros(d_in, dtype=torch.float64)
+        self.fired = torch.zeros(d_sae, dtype=torch.bool)
+
+    def add(self, x: Tensor, feature_acts: Tensor, x_hat: Tensor) -> None:
+        x, x_hat = x.double().cpu(), x_hat.double().cpu()
+        self.n += x.shape[0]
+        self.active += float((feature_acts != 0).sum())
+        self.sq_error += float(((x - x_hat) ** 2).sum())
+        self.sum += x.sum(0)
+        self.sum_sq += (x**2).sum(0)
+        self.fired |= (feature_acts != 0).any(0).cpu()
+
+    def metrics(self) -> dict[str, float]:
+        variance = float((self.sum_sq - self.sum**2 / self.n).sum())
+        return {
+            "l0": self.active / self.n,
+            "fvu": self.sq_error / variance,
+            "dead_fraction": 1.0 - float(self.fired.float().mean()),
+            "n_tokens": self.n,
+        }
+
+
+@torch.no_grad()
+def evaluate_sae(
+    rm: RewardModel,
+    sae_or_saes: SAE | Sequence[SAE],
+    pairs: Sequence[PreferencePair],
+    *,
+    batch_size: int = 8,
+    exclude_token_ids: Sequence[int] = (),
+    truncate: bool = False,
+    progress: bool = True,
+) -> SAEEvaluation:
+    """Measure SAEs on ``pairs`` in reward space (see the module docstring for the metrics).
+
+    The SAEs must not be attached already; each is spliced in and removed again. Token statistics
+    use real tokens only (padding and ``exclude_token_ids`` are left out; the SAEs are bypassed
+    at the excluded tokens when they replace activations, too).
+    """
+    saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
+    if not saes:
+        raise ValueError("no SAEs to evaluate")
+    if not pairs:
+        raise ValueError("no pairs to evaluate on")
+    if rm.tokenizer is None:
+        raise ValueError("the reward model has no tokenizer; pass one to RewardModel.from_hf(hf_model, tokenizer)")
+    check_saes(rm, saes)
+    names = [sae.cfg.metadata.hook_name for sae in saes]
+    stats = {name: _TokenStats(sae.cfg.d_in, sae.cfg.d_sae) for name, sae in zip(names, saes)}
+    variants = {name: [sae] for name, sae in zip(names, saes)} | ({ALL: saes} if len(saes) > 1 else {})
+    rewards: dict[str, dict[str, list[Tensor]]] = {key: {"chosen": [], "rejected": []} for key in ["clean", *variants]}
+
+    starts = range(0, len(pairs), batch_size)
+    for start in tqdm(starts, desc="evaluating SAEs", disable=not progress or len(starts) < 2):
+        batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx, truncate=truncate)
+        for side_name, side in (("chosen", batch.chosen), ("rejected", batch.rejected)):
+            side = side.to(rm.cfg.device)
+            clean = _cache_and_reward(rm, side, names)
+            rewards["clean"][side_name].append(clean.pop("reward"))
+            keep = _kept_tokens(side, exclude_token_ids)
+            for name, sae in zip(names, saes):
+                x = clean[name][keep]
+                feature_acts = sae.encode(x)
+                stats[name].add(x, feature_acts, sae.decode(feature_acts))
+            for key, group in variants.items():
+                with saes_attached(rm, group, use_error_term=False, exclude_token_ids=exclude_token_ids):
+                    rewards[key][side_name].append(rm.reward(side.tokens, side.attention_mask).float().cpu())
+    return _tables(rewards, stats, {name: sae.cfg.d_sae for name, sae in zip(names, saes)})
+
+
+def _cache_and_reward(rm: RewardModel, side: TokenBatch, names: list[str]) -> dict[str, Tensor]:
+    cached: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> None:  # noqa: ANN001
+        cached[hook.name] = act.flatten(-2) if hook.name.endswith("hook_z") else act
+
+    with rm.hooks(fwd_hooks=[(name, keep) for name in names]):
+        cached["reward"] = rm.reward(side.tokens, side.attention_mask).float().cpu()
+    return cached
+
+
+def _kept_tokens(side: TokenBatch, exclude_token_ids: Sequence[int]) -> Tensor:
+    keep = side.attention_mask.bool()
+    if exclude_token_ids:
+        keep &= ~torch.isin(side.tokens, torch.tensor(list(exclude_token_ids), device=side.tokens.device))
+    return keep
+
+
+def _tables(rewards: dict[str, dict[str, list[Tensor]]], stats: dict[str, _TokenStats], d_sae: dict[str, int]) -> SAEEvaluation:
+    def cat(key: str, side: str) -> Tensor:
+        return torch.cat(rewards[key][side])
+
+    clean_margin = cat("clean", "chosen") - cat("clean", "rejected")
+    clean_all = torch.cat([cat("clean", "chosen"), cat("clean", "rejected")])
+    per_pair = pd.DataFrame({"margin": clean_margin.numpy()})
+    rows = []
+    for key in rewards:
+        if key == "clean":
+            continue
+        margin = cat(key, "chosen") - cat(key, "rejected")
+        kept = margin / clean_margin
+        per_pair[f"margin_{key}"] = margin.numpy()
+        row = {"hook_name": key, "d_sae": sum(d_sae.values()) if key == ALL else d_sae[key]}
+        row |= stats[key].metrics() if key in stats else {}
+        row |= {
+            "reward_abs_error": float((torch.cat([cat(key, "chosen"), cat(key, "rejected")]) - clean_all).abs().mean()),
+            "order_kept": float(((margin > 0) == (clean_margin > 0)).float().mean()),
+            "margin_kept_median": float(kept.median()),
+            "margin_kept_mean": float(kept.mean()),
+            "n_pairs": len(clean_margin),
+        }
+        rows.append(row)
+    return SAEEvaluation(summary=pd.DataFrame(rows).set_index("hook_name"), per_pair=per_pair)
