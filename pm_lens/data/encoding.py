@@ -49,6 +49,9 @@ class PairBatch:
     chosen: TokenBatch
     rejected: TokenBatch
 
+    def to(self, device: str | torch.device) -> "PairBatch":
+        return PairBatch(self.chosen.to(device), self.rejected.to(device))
+
 
 def format_text(tokenizer: Any, prompt: str, completion: str) -> str:
     """The model input for ``completion`` answering ``prompt`` (chat template or HH plain text).

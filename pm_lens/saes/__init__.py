@@ -7,3 +7,4 @@ from pm_lens.saes.attach import feature_acts as feature_acts
 from pm_lens.saes.attach import saes_attached as saes_attached
 from pm_lens.saes.evaluate import SAEEvaluation as SAEEvaluation
 from pm_lens.saes.evaluate import evaluate_sae as evaluate_sae
+from pm_lens.saes.load import load_sae as load_sae

@@ -41,12 +41,14 @@ def build_jumprelu_sae(hook_name: str, *, d_in: int = 64, d_sae: int = 256, seed
 
 
 def calibrate_sparsity(sae: StandardSAE, x: torch.Tensor, *, fire_rate: float = 0.05) -> StandardSAE:
-    """Set the encoder bias so each feature fires on about ``fire_rate`` of the rows of ``x``
-    (activations of the hook, ``[n, d_in]``), and scale the decoder to the activations' size."""
+    """Centre the SAE on ``x`` (activations of the hook, ``[n, d_in]``) like a trained one
+    (``b_dec`` = mean), set the encoder bias so each feature fires on about ``fire_rate`` of the
+    rows, and scale the decoder to the activations' size."""
     with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
         pre = (x - sae.b_dec) @ sae.W_enc
         sae.b_enc.copy_(-torch.quantile(pre, 1 - fire_rate, dim=0))
-        sae.W_dec.mul_(x.norm(dim=-1).mean() / sae.W_dec.norm(dim=-1).mean())
+        sae.W_dec.mul_((x - sae.b_dec).norm(dim=-1).mean() / sae.W_dec.norm(dim=-1).mean())
     return sae
 
 

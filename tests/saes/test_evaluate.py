@@ -65,7 +65,8 @@ def test_fvu_and_l0_match_a_direct_computation(rm):
         xs.append(cache["blocks.1.hook_resid_post"][side.attention_mask.bool()])
     x = torch.cat(xs).detach()
     f = sae.encode(x).detach()
-    assert row.fvu == pytest.approx(float(((x - sae.decode(f)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-4)
+    x_hat = sae.decode(f).detach()
+    assert row.fvu == pytest.approx(float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()), rel=1e-4)
     assert row.l0 == pytest.approx(float((f != 0).sum(-1).float().mean()), rel=1e-6)
 
 
