@@ -1,9 +1,18 @@
 """pm_lens: open up preference (reward) models with sparse autoencoders.
 
 The pipeline, one subpackage per stage: a reward model is loaded (:mod:`pm_lens.model`), preference
-data is read and encoded (:mod:`pm_lens.data`), pairs are scored (:mod:`pm_lens.scoring`).
+data is read and encoded (:mod:`pm_lens.data`) and scored (:mod:`pm_lens.scoring`), SAEs are
+attached, loaded, trained and evaluated (:mod:`pm_lens.saes`), and features are attributed, ablated
+and checked for fidelity (:mod:`pm_lens.attribution`).
 """
 
+from pm_lens.attribution import Ablation as Ablation
+from pm_lens.attribution import Attribution as Attribution
+from pm_lens.attribution import FidelityCard as FidelityCard
+from pm_lens.attribution import ablate as ablate
+from pm_lens.attribution import attribute as attribute
+from pm_lens.attribution import check_fidelity as check_fidelity
+from pm_lens.attribution import fidelity as fidelity
 from pm_lens.data import PairBatch as PairBatch
 from pm_lens.data import PreferencePair as PreferencePair
 from pm_lens.data import TokenBatch as TokenBatch
@@ -12,16 +21,35 @@ from pm_lens.data import load_pairs as load_pairs
 from pm_lens.data import split_hh as split_hh
 from pm_lens.model import RewardModel as RewardModel
 from pm_lens.model import WeightProcessing as WeightProcessing
+from pm_lens.saes import attach_saes as attach_saes
+from pm_lens.saes import detach_saes as detach_saes
+from pm_lens.saes import evaluate_sae as evaluate_sae
+from pm_lens.saes import feature_acts as feature_acts
+from pm_lens.saes import load_sae as load_sae
+from pm_lens.saes import saes_attached as saes_attached
 from pm_lens.scoring import score_pairs as score_pairs
 
 __all__ = [
+    "Ablation",
+    "Attribution",
+    "FidelityCard",
     "PairBatch",
     "PreferencePair",
     "RewardModel",
     "TokenBatch",
     "WeightProcessing",
+    "ablate",
+    "attach_saes",
+    "attribute",
+    "check_fidelity",
+    "detach_saes",
     "encode_pairs",
+    "evaluate_sae",
+    "feature_acts",
+    "fidelity",
     "load_pairs",
+    "load_sae",
+    "saes_attached",
     "score_pairs",
     "split_hh",
 ]

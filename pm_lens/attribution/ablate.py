@@ -1,0 +1,212 @@
+"""Exact ablation: the true change in reward when SAE features are removed.
+
+Removing feature ``i`` at a hook moves the activation by ``(baseline[i] - acts[i]) * W_dec[i]`` at
+the selected positions while the error node (and every other feature) at that hook is held at its
+clean value; the rest of the model runs as it is (an SAE with its error term is the identity).
+The error node itself can be removed too (set to zero). Joint ablation adds the deltas of a whole
+set of nodes, each computed from the clean run.
+
+Batched (the default), per batch of pairs and side:
+1. one clean run reads the reward, each SAE hook's activation and the residual stream entering
+   each needed layer;
+2. for the features of one hook, ``features_per_pass`` copies of the batch are stacked along the
+   batch dimension, each with one feature's delta, and the forward restarts at the hook's layer
+   from the cached residual (``start_at_layer``) instead of recomputing the earlier layers.
+With ``batched=False`` every feature gets a full forward of its own (the reference the batched
+path is tested against, and the baseline of ``benchmarks/attribution_cost.py``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pm_lens.attribution.attribute import BASELINES, feature_baselines
+from pm_lens.attribution.batching import pair_batches
+from pm_lens.attribution.formulas import error_delta, feature_delta, removal_delta
+from pm_lens.attribution.nodes import Nodes, hook_layer, plain_model, read_nodes, resolve_saes, run_with_deltas
+from pm_lens.attribution.positions import check_positions, pair_masks
+from pm_lens.data import PreferencePair, TokenBatch
+from pm_lens.model import RewardModel
+
+ERROR = -1  # the feature index that stands for a hook's error node
+ALL = "all"  # every feature and error node of every SAE, removed jointly
+
+Node = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Exact changes of the rewards when nodes are removed.
+
+    Attributes:
+        nodes: the removed nodes, ``(hook_name, feature)`` with feature ``-1`` for an error node;
+            for a joint ablation, the single entry ``("joint", n)`` or ``("all", n)``.
+        chosen, rejected: ``[n_pairs, n_nodes]`` change of r(chosen) and r(rejected).
+        settings: mode, positions, skip_first, jointly.
+    """
+
+    nodes: list[Node]
+    chosen: Tensor
+    rejected: Tensor
+    settings: dict[str, Any]
+
+    @property
+    def margin(self) -> Tensor:
+        return self.chosen - self.rejected
+
+    def effects(self, target: str) -> Tensor:
+        """``[n_pairs, n_nodes]`` change of ``target`` ("chosen", "rejected" or "margin")."""
+        if target not in ("chosen", "rejected", "margin"):
+            raise ValueError(f"target must be 'chosen', 'rejected' or 'margin', got {target!r}")
+        return getattr(self, target)
+
+    def table(self, target: str = "margin") -> pd.DataFrame:
+        effects = self.effects(target)
+        return pd.DataFrame({
+            "hook_name": [n[0] for n in self.nodes], "feature": [n[1] for n in self.nodes],
+            "effect": effects.mean(0).numpy(), "mean_abs_effect": effects.abs().mean(0).numpy(),
+        })
+
+
+def ablate(
+    rm: RewardModel,
+    pairs: Sequence[PreferencePair],
+    *,
+    features: Sequence[tuple[str, int]] | str,
+    saes: SAE | Sequence[SAE] | None = None,
+    mode: str = "zero",
+    positions: str = "all",
+    jointly: bool = False,
+    reference_pairs: Sequence[PreferencePair] | None = None,
+    baselines: dict[str, Tensor] | None = None,
+    skip_first: bool = False,
+    batched: bool = True,
+    features_per_pass: int = 32,
+    batch_tokens: int = 4096,
+    truncate: bool = False,
+    progress: bool = True,
+) -> Ablation:
+    """Exact change of each pair's rewards when ``features`` are removed (one at a time, or
+    ``jointly``).
+
+    Args:
+        features: ``(hook_name, index)`` pairs (index ``-1`` for the error node), or ``"all"``
+            for every feature and error node of every SAE together (the completeness check).
+        mode: ``"zero"`` or ``"mean"`` (see ``attribute``'s ``baseline``).
+        baselines: per hook, ``[d_sae]`` values to remove features to, overriding ``mode``
+            (e.g. ``attribution.baselines``, to ablate exactly what was attributed).
+        positions, skip_first, reference_pairs, batch_tokens, truncate: as for ``attribute``.
+        batched: stack ``features_per_pass`` ablations per forward, restarted at the hook's layer.
+    """
+    if mode not in BASELINES:
+        raise ValueError(f"mode must be one of {BASELINES}, got {mode!r}")
+    check_positions(positions)
+    if not pairs:
+        raise ValueError("no pairs to ablate on")
+    by_hook = resolve_saes(rm, saes)
+    nodes = _check_nodes(features, by_hook)
+    settings = dict(mode=mode, positions=positions, skip_first=skip_first, jointly=jointly or features == ALL)
+    with plain_model(rm, by_hook):
+        if baselines is None:
+            baselines = feature_baselines(rm, by_hook, reference_pairs or pairs, baseline=mode, positions=positions,
+                                          skip_first=skip_first, batch_tokens=batch_tokens, truncate=truncate)
+        else:
+            baselines = {n: baselines[n].to(sae.W_dec.device, sae.W_dec.dtype) for n, sae in by_hook.items()}
+        columns: dict[str, list[Tensor]] = {"chosen": [], "rejected": []}
+        batches = pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate)
+        for batch in tqdm(batches, desc="ablating", disable=not progress or len(batches) < 2):
+            for side_name, side, mask in zip(("chosen", "rejected"), (batch.chosen, batch.rejected),
+                                             pair_masks(batch, positions, skip_first=skip_first)):
+                runner = _SideRunner(rm, side, mask, by_hook, baselines)
+                if features == ALL:
+                    result = runner.joint_all()
+                elif jointly:
+                    result = runner.joint(nodes)
+                else:
+                    result = runner.each(nodes, batched=batched, per_pass=features_per_pass)
+                columns[side_name].append(result)
+    out_nodes = [(ALL, len(nodes))] if features == ALL else [("joint", len(nodes))] if jointly else nodes
+    return Ablation(nodes=out_nodes, chosen=torch.cat(columns["chosen"]).float().cpu(),
+                    rejected=torch.cat(columns["rejected"]).float().cpu(), settings=settings)
+
+
+def _check_nodes(features: Sequence[tuple[str, int]] | str, saes: dict[str, SAE]) -> list[Node]:
+    if isinstance(features, str):
+        if features != ALL:
+            raise ValueError(f"features must be a list of (hook_name, index) or {ALL!r}, got {features!r}")
+        return [(name, i) for name, sae in saes.items() for i in [*range(sae.cfg.d_sae), ERROR]]
+    nodes = [(str(hook), int(index)) for hook, index in features]
+    if not nodes:
+        raise ValueError("no features to ablate")
+    for hook, index in nodes:
+        if hook not in saes:
+            raise ValueError(f"no SAE at {hook!r}; SAEs are at {sorted(saes)}")
+        if not ERROR <= index < saes[hook].cfg.d_sae:
+            raise ValueError(f"feature {index} does not exist at {hook}: valid are 0..{saes[hook].cfg.d_sae - 1} (and -1 for the error node)")
+    return nodes
+
+
+class _SideRunner:
+    """Ablations on one side of one batch, sharing its clean run."""
+
+    def __init__(self, rm: RewardModel, side: TokenBatch, mask: Tensor, saes: dict[str, SAE], baselines: dict[str, Tensor]):
+        self.rm, self.side, self.mask, self.saes, self.baselines = rm, side, mask, saes, baselines
+        starts = [f"blocks.{layer}.hook_resid_pre" for layer in {hook_layer(n) for n in saes} if layer is not None]
+        self.clean, xs, _ = run_with_deltas(rm, side, [*saes, *starts])
+        self.residuals = {name: xs[name] for name in starts}
+        self.nodes: dict[str, Nodes] = read_nodes(saes, xs)
+
+    def delta(self, node: Node) -> Tensor:
+        hook, index = node
+        nodes = self.nodes[hook]
+        with torch.no_grad():
+            if index == ERROR:
+                return error_delta(nodes.error, self.mask)
+            return feature_delta(nodes.acts[..., index], self.baselines[hook][index], self.saes[hook].W_dec[index], self.mask)
+
+    def each(self, nodes: list[Node], *, batched: bool, per_pass: int) -> Tensor:
+        out = torch.empty(self.side.tokens.shape[0], len(nodes), device=self.clean.device)
+        if not batched:
+            for column, node in enumerate(nodes):
+                rewards, _, _ = run_with_deltas(self.rm, self.side, [], deltas={node[0]: self.delta(node)})
+                out[:, column] = rewards - self.clean
+            return out
+        by_hook: dict[str, list[int]] = defaultdict(list)
+        for column, node in enumerate(nodes):
+            by_hook[node[0]].append(column)
+        for hook, columns in by_hook.items():
+            for start in range(0, len(columns), per_pass):
+                chunk = columns[start : start + per_pass]
+                deltas = torch.cat([self.delta(nodes[c]) for c in chunk])
+                out[:, chunk] = (self._stacked(hook, deltas, len(chunk)) - self.clean.repeat(len(chunk))).view(len(chunk), -1).T
+        return out
+
+    def _stacked(self, hook: str, deltas: Tensor, copies: int) -> Tensor:
+        layer = hook_layer(hook)
+        if layer is None:
+            side = TokenBatch(self.side.tokens.repeat(copies, 1), self.side.attention_mask.repeat(copies, 1),
+                              self.side.completion_start.repeat(copies))
+            return run_with_deltas(self.rm, side, [], deltas={hook: deltas})[0]
+        residual = self.residuals[f"blocks.{layer}.hook_resid_pre"].repeat(copies, 1, 1)
+        return run_with_deltas(self.rm, self.side, [], deltas={hook: deltas}, residual=residual, start_at_layer=layer)[0]
+
+    def joint(self, nodes: list[Node]) -> Tensor:
+        deltas: dict[str, Tensor] = {}
+        for node in nodes:
+            deltas[node[0]] = deltas.get(node[0], 0) + self.delta(node)
+        return (run_with_deltas(self.rm, self.side, [], deltas=deltas)[0] - self.clean)[:, None]
+
+    def joint_all(self) -> Tensor:
+        with torch.no_grad():
+            deltas = {hook: removal_delta(n.acts, self.baselines[hook], self.saes[hook].W_dec, n.error, self.mask)
+                      for hook, n in self.nodes.items()}
+        return (run_with_deltas(self.rm, self.side, [], deltas=deltas)[0] - self.clean)[:, None]

@@ -1,0 +1,269 @@
+"""Attribution patching: the effect of removing every SAE feature on the reward, from gradients.
+
+For a batch of preference pairs, each side (chosen, rejected) is run on its own, since their
+lengths differ, and the effects are combined per pair (margin = chosen - rejected).
+
+Algorithm (per batch, per side):
+1. Clean run: one forward with a zero "probe" added at every SAE hook; the activation ``x`` at
+   each hook is read, and (AtP) the gradient of the summed reward with respect to each probe is
+   taken in the same pass: d(reward)/d(hook output).
+2. Nodes: each SAE encodes ``x`` into features ``acts``; the error node is ``x - decode(acts)``.
+3. (IG only) ``ig_steps`` more passes with every hook moved a fraction ``1 - alpha`` of the way to
+   its fully removed value (all attached SAEs interpolated together; alpha at the midpoints of
+   ``ig_steps`` equal intervals); the gradients are averaged.
+4. Effects: ``grad @ W_dec[i] * (baseline[i] - acts[i])`` per feature and ``grad . (-error)`` for
+   the error node (:func:`pm_lens.attribution.formulas.node_effects`), summed over the selected
+   positions, so a feature's effect is that of removing it at every selected position.
+
+Sums over all nodes of all hooks are kept per pair for the completeness check of
+:mod:`pm_lens.attribution.fidelity`. The model's parameters get no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pm_lens.attribution.batching import pair_batches
+from pm_lens.attribution.formulas import node_effects, removal_delta
+from pm_lens.attribution.nodes import plain_model, read_nodes, resolve_saes, run_with_deltas
+from pm_lens.attribution.positions import check_positions, pair_masks
+from pm_lens.data import PreferencePair, TokenBatch
+from pm_lens.model import RewardModel
+
+TARGETS = ("chosen", "rejected", "margin")
+METHODS = ("atp", "ig")
+BASELINES = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Estimated effects of removing each SAE feature (and each error node) on the target.
+
+    Attributes:
+        effects: per hook, ``[n_pairs, d_sae]`` estimated change of the target when the feature
+            is removed at the selected positions (a sparse COO tensor for the zero baseline, where
+            a feature that does not fire has exactly zero effect; dense for the mean baseline).
+        error_effects: per hook, ``[n_pairs]`` estimated effect of removing the error node.
+        active: per hook, ``[n_pairs, d_sae]`` sparse bool: the feature fires at a selected
+            position of the pair (either side).
+        total: ``[n_pairs]`` sum of all feature and error effects of every hook.
+        baselines: per hook, ``[d_sae]`` the value each feature is removed to.
+        settings: method, target, baseline, positions, ig_steps, skip_first, hook names.
+        pairs, saes: what was attributed (so the result can be checked by ablation).
+    """
+
+    effects: dict[str, Tensor]
+    error_effects: dict[str, Tensor]
+    active: dict[str, Tensor]
+    total: Tensor
+    baselines: dict[str, Tensor]
+    settings: dict[str, Any]
+    pairs: Sequence[PreferencePair] = field(repr=False)
+    saes: dict[str, SAE] = field(repr=False, default_factory=dict)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.total)
+
+    def dense_effects(self, hook_name: str) -> Tensor:
+        effects = self.effects[hook_name]
+        return effects.to_dense() if effects.is_sparse else effects
+
+    def ranking(self) -> pd.DataFrame:
+        """One row per feature that fires on some pair, and one per error node, sorted by
+        ``|effect|``: ``hook_name``, ``node`` ("feature" or "error"), ``feature`` (-1 for the error),
+        ``effect`` (mean over pairs), ``mean_abs_effect``, ``sign_agreement`` (fraction of the
+        pairs it fires on whose effect has the sign of ``effect``), ``n_pairs_active``."""
+        frames = []
+        for name in self.effects:
+            effects = self.dense_effects(name)
+            active = self.active[name].to_dense()
+            n_active = active.sum(0)
+            keep = (n_active > 0).nonzero().flatten()
+            mean = effects.mean(0)
+            agree = ((torch.sign(effects) == torch.sign(mean)) & active).sum(0) / n_active.clamp(min=1)
+            frames.append(pd.DataFrame({
+                "hook_name": name, "node": "feature", "feature": keep.numpy(),
+                "effect": mean[keep].numpy(), "mean_abs_effect": effects.abs().mean(0)[keep].numpy(),
+                "sign_agreement": agree[keep].numpy(), "n_pairs_active": n_active[keep].numpy(),
+            }))
+            error = self.error_effects[name]
+            frames.append(pd.DataFrame([{
+                "hook_name": name, "node": "error", "feature": -1, "effect": float(error.mean()),
+                "mean_abs_effect": float(error.abs().mean()),
+                "sign_agreement": float((torch.sign(error) == torch.sign(error.mean())).float().mean()),
+                "n_pairs_active": self.n_pairs,
+            }]))
+        table = pd.concat(frames, ignore_index=True)
+        order = np.argsort(-table["effect"].abs().to_numpy(), kind="stable")
+        return table.iloc[order].reset_index(drop=True)
+
+    def top_features(self, n: int = 10, *, direction: str = "both") -> pd.DataFrame:
+        """The ``n`` features (not error nodes) whose removal moves the target most:
+        ``direction="raising"``: features that raise the target (removing them lowers it, so
+        their removal effect is negative); ``"lowering"``: the opposite; ``"both"``: by |effect|."""
+        table = self.ranking()
+        table = table[table.node == "feature"]
+        if direction == "raising":
+            return table[table.effect < 0].sort_values("effect").head(n).reset_index(drop=True)
+        if direction == "lowering":
+            return table[table.effect > 0].sort_values("effect", ascending=False).head(n).reset_index(drop=True)
+        if direction != "both":
+            raise ValueError(f"direction must be 'raising', 'lowering' or 'both', got {direction!r}")
+        return table.head(n).reset_index(drop=True)
+
+
+def attribute(
+    rm: RewardModel,
+    pairs: Sequence[PreferencePair],
+    *,
+    saes: SAE | Sequence[SAE] | None = None,
+    target: str = "margin",
+    method: str = "atp",
+    baseline: str = "zero",
+    positions: str = "all",
+    ig_steps: int = 8,
+    reference_pairs: Sequence[PreferencePair] | None = None,
+    skip_first: bool = False,
+    batch_tokens: int = 4096,
+    truncate: bool = False,
+    progress: bool = True,
+) -> Attribution:
+    """Estimate the effect of removing every feature of every SAE on ``target``, for each pair.
+
+    Args:
+        saes: the SAEs (default: those attached to ``rm``).
+        target: ``"chosen"``, ``"rejected"`` or ``"margin"`` (r(chosen) - r(rejected)).
+        method: ``"atp"`` (gradient x (baseline - activation), one forward and backward per
+            batch and side) or ``"ig"`` (integrated gradients with ``ig_steps`` steps).
+        baseline: ``"zero"`` or ``"mean"`` (each feature's mean activation over the selected
+            positions of ``reference_pairs``, default ``pairs``).
+        positions: ``"all"``, ``"completion"`` or ``"diverge"`` (see ``pm_lens.attribution.positions``).
+        skip_first: leave each sequence's first token out (massive-activation start tokens).
+        batch_tokens: token budget of one batch (batch size x padded length).
+    """
+    _check_args(target, method, baseline, positions, ig_steps)
+    if not pairs:
+        raise ValueError("no pairs to attribute")
+    by_hook = resolve_saes(rm, saes)
+    settings = dict(method=method, target=target, baseline=baseline, positions=positions,
+                    ig_steps=ig_steps if method == "ig" else None, skip_first=skip_first, hook_names=list(by_hook))
+    with plain_model(rm, by_hook):
+        baselines = feature_baselines(rm, by_hook, reference_pairs or pairs, baseline=baseline, positions=positions,
+                                      skip_first=skip_first, batch_tokens=batch_tokens, truncate=truncate)
+        parts: list[dict[str, Any]] = []
+        batches = pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate)
+        for batch in tqdm(batches, desc=f"attributing ({method})", disable=not progress or len(batches) < 2):
+            masks = pair_masks(batch, positions, skip_first=skip_first)
+            sides = [_side_effects(rm, side, mask, by_hook, baselines, method, ig_steps)
+                     for side, mask in zip((batch.chosen, batch.rejected), masks)]
+            parts.append(_combine(sides, target))
+    return _assemble(parts, baselines, settings, pairs, by_hook, sparse=baseline == "zero")
+
+
+def _check_args(target: str, method: str, baseline: str, positions: str, ig_steps: int) -> None:
+    for name, value, allowed in (("target", target, TARGETS), ("method", method, METHODS), ("baseline", baseline, BASELINES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    check_positions(positions)
+    if method == "ig" and ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+
+
+def feature_baselines(
+    rm: RewardModel,
+    saes: dict[str, SAE],
+    pairs: Sequence[PreferencePair],
+    *,
+    baseline: str,
+    positions: str = "all",
+    skip_first: bool = False,
+    batch_tokens: int = 4096,
+    truncate: bool = False,
+) -> dict[str, Tensor]:
+    """Per hook, ``[d_sae]`` values features are removed to: zeros, or the mean activation over
+    the selected positions of both sides of ``pairs``."""
+    if baseline == "zero":
+        return {name: torch.zeros(sae.cfg.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device) for name, sae in saes.items()}
+    sums = {name: torch.zeros(sae.cfg.d_sae, dtype=torch.float64, device=sae.W_dec.device) for name, sae in saes.items()}
+    count = 0
+    for batch in pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate):
+        for side, mask in zip((batch.chosen, batch.rejected), pair_masks(batch, positions, skip_first=skip_first)):
+            _, xs, _ = run_with_deltas(rm, side, list(saes))
+            for name, nodes in read_nodes(saes, xs).items():
+                sums[name] += nodes.acts[mask].double().sum(0)
+            count += int(mask.sum())
+    if count == 0:
+        raise ValueError("the reference pairs have no tokens at the selected positions")
+    return {name: (total / count).to(saes[name].W_dec.dtype) for name, total in sums.items()}
+
+
+def _side_effects(
+    rm: RewardModel,
+    side: TokenBatch,
+    mask: Tensor,
+    saes: dict[str, SAE],
+    baselines: dict[str, Tensor],
+    method: str,
+    ig_steps: int,
+) -> dict[str, Any]:
+    """Per-sequence effects of one side: features ``[batch, d_sae]`` and error ``[batch]`` per hook."""
+    names = list(saes)
+    _, xs, grads = run_with_deltas(rm, side, names, with_grad=method == "atp")
+    nodes = read_nodes(saes, xs)
+    if method == "ig":
+        with torch.no_grad():
+            full = {n: removal_delta(nodes[n].acts, baselines[n], saes[n].W_dec, nodes[n].error, mask) for n in names}
+        grads = {n: torch.zeros_like(xs[n]) for n in names}
+        for step in range(ig_steps):
+            alpha = (step + 0.5) / ig_steps
+            _, _, step_grads = run_with_deltas(rm, side, names, deltas={n: (1 - alpha) * d for n, d in full.items()},
+                                               with_grad=True)
+            for n in names:
+                grads[n] += step_grads[n] / ig_steps
+    out: dict[str, Any] = {"features": {}, "errors": {}, "active": {}}
+    with torch.no_grad():
+        for n in names:
+            features, errors = node_effects(grads[n], nodes[n].acts, baselines[n], saes[n].W_dec, nodes[n].error)
+            out["features"][n] = (features * mask[..., None]).sum(1)
+            out["errors"][n] = (errors * mask).sum(1)
+            out["active"][n] = ((nodes[n].acts != 0) & mask[..., None]).any(1)
+    return out
+
+
+def _combine(sides: list[dict[str, Any]], target: str) -> dict[str, Any]:
+    chosen, rejected = sides
+    sign = {"chosen": (1, 0), "rejected": (0, 1), "margin": (1, -1)}[target]
+    return {
+        key: {n: sign[0] * chosen[key][n] + sign[1] * rejected[key][n] for n in chosen[key]}
+        if key != "active" else {n: chosen["active"][n] | rejected["active"][n] for n in chosen["active"]}
+        for key in ("features", "errors", "active")
+    }
+
+
+def _assemble(parts: list[dict[str, Any]], baselines: dict[str, Tensor], settings: dict[str, Any],
+              pairs: Sequence[PreferencePair], saes: dict[str, SAE], *, sparse: bool) -> Attribution:
+    names = list(baselines)
+    effects = {n: torch.cat([p["features"][n] for p in parts]).float().cpu() for n in names}
+    errors = {n: torch.cat([p["errors"][n] for p in parts]).float().cpu() for n in names}
+    active = {n: torch.cat([p["active"][n] for p in parts]).cpu() for n in names}
+    total = sum(effects[n].sum(-1) + errors[n] for n in names)
+    return Attribution(
+        effects={n: e.to_sparse() if sparse else e for n, e in effects.items()},
+        error_effects=errors,
+        active={n: a.to_sparse() for n, a in active.items()},
+        total=total,
+        baselines={n: b.float().cpu() for n, b in baselines.items()},
+        settings=settings,
+        pairs=list(pairs),
+        saes=dict(saes),
+    )

@@ -1,0 +1,184 @@
+"""How far an attribution's ranking can be trusted: a fidelity card from exact ablations.
+
+Attribution patching is a first-order estimate; ablation is the truth it estimates. A card
+compares the two on the features that matter and on a random sample of the rest, the way AtP*
+(Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM behaviour to
+components") checks for false negatives:
+
+1. the top ``top_k`` features by estimated |effect| and ``n_random`` other active features (seeded)
+   are ablated one by one, exactly;
+2. on all of them, and on the top set alone: Pearson and Spearman correlation of the estimated and
+   exact mean effects, sign agreement, median relative error;
+3. recall of the true top-``k`` among the estimated top-``k`` (within the top set);
+4. missed effects: how many random features outside the top set have an exact |effect| at least
+   the ``k``-th largest in the top set, and that rate extrapolated to every active feature outside it;
+5. completeness: the sum of all feature and error attributions against the exact change when every
+   node of every SAE is removed at once, per pair.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from pm_lens.attribution.ablate import ALL, Ablation, ablate
+from pm_lens.attribution.attribute import Attribution
+from pm_lens.io import write_atomic
+from pm_lens.model import RewardModel
+
+
+@dataclass(frozen=True)
+class FidelityCard:
+    """Agreement between an attribution and exact ablation (see the module docstring)."""
+
+    settings: dict[str, Any]
+    n_top: int
+    n_random: int
+    k: int
+    pearson: float
+    spearman: float
+    pearson_top: float
+    spearman_top: float
+    sign_agreement: float
+    topk_recall: float
+    median_relative_error: float
+    missed_threshold: float
+    missed_in_sample: int
+    missed_estimated: float
+    n_outside_top: int
+    completeness: dict[str, float] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the card as JSON (atomically)."""
+        write_atomic(path, json.dumps(self.as_dict(), indent=2, default=float))
+
+    def __str__(self) -> str:
+        s = self.settings
+        lines = [
+            f"fidelity of {s['method']}" + (f" ({s['ig_steps']} steps)" if s.get("ig_steps") else "")
+            + f", target {s['target']}, baseline {s['baseline']}, positions {s['positions']}",
+            f"  features compared: {self.n_top} top + {self.n_random} random",
+            f"  Spearman {self.spearman:.3f} (top {self.spearman_top:.3f}), Pearson {self.pearson:.3f} (top {self.pearson_top:.3f})",
+            f"  sign agreement {self.sign_agreement:.3f}, top-{self.k} recall {self.topk_recall:.3f}, "
+            f"median relative error {self.median_relative_error:.3f}",
+            f"  missed: {self.missed_in_sample}/{self.n_random} random features with |effect| >= {self.missed_threshold:.4g}"
+            f" (~{self.missed_estimated:.1f} of {self.n_outside_top} outside the top set)",
+        ]
+        if self.completeness:
+            c = self.completeness
+            lines.append(f"  completeness: sum of attributions {c['attributed_mean']:.4g} vs exact {c['exact_mean']:.4g}"
+                         f" (mean |diff| {c['mean_abs_diff']:.4g})")
+        return "\n".join(lines)
+
+
+def fidelity(
+    attribution: Attribution,
+    ablation: Ablation,
+    *,
+    top_k: int = 50,
+    k: int = 10,
+    completeness: Ablation | None = None,
+) -> FidelityCard:
+    """Compare ``attribution``'s estimates with ``ablation``'s exact effects of the same target.
+
+    The ablated features among the attribution's ``top_k`` form the top set; the others are
+    taken as the random sample. ``completeness``, if given, is an ``ablate(..., features="all")``
+    run with the same settings.
+    """
+    ranking = attribution.ranking()
+    ranking = ranking[ranking.node == "feature"].reset_index(drop=True)
+    rank = {(h, int(f)): i for i, (h, f) in enumerate(zip(ranking.hook_name, ranking.feature))}
+    nodes = [node for node in ablation.nodes if node[0] in attribution.effects and node[1] >= 0]
+    if not nodes:
+        raise ValueError("the ablation has no features to compare (only error nodes or a joint ablation)")
+    missing = [node for node in nodes if node not in rank]
+    if missing:
+        raise ValueError(f"ablated features {missing[:5]} are not active in the attribution")
+    target = attribution.settings["target"]
+    exact_all = ablation.effects(target).mean(0).numpy()
+    column = {node: i for i, node in enumerate(ablation.nodes)}
+    estimated = np.array([_mean_effect(attribution, node) for node in nodes])
+    exact = np.array([exact_all[column[node]] for node in nodes])
+    top = np.array([rank[node] < top_k for node in nodes])
+    k = max(1, min(k, int(top.sum())))
+    true_top = set(np.argsort(-np.abs(np.where(top, exact, 0)))[:k])
+    est_top = set(np.argsort(-np.abs(np.where(top, estimated, 0)))[:k])
+    threshold = float(np.sort(np.abs(exact[top]))[::-1][k - 1]) if top.any() else float("inf")
+    missed = int((np.abs(exact[~top]) >= threshold).sum())
+    n_outside = len(rank) - min(top_k, len(rank))
+    return FidelityCard(
+        settings=dict(attribution.settings),
+        n_top=int(top.sum()),
+        n_random=int((~top).sum()),
+        k=k,
+        pearson=_corr(stats.pearsonr, estimated, exact),
+        spearman=_corr(stats.spearmanr, estimated, exact),
+        pearson_top=_corr(stats.pearsonr, estimated[top], exact[top]),
+        spearman_top=_corr(stats.spearmanr, estimated[top], exact[top]),
+        sign_agreement=float((np.sign(estimated) == np.sign(exact)).mean()),
+        topk_recall=len(true_top & est_top) / k,
+        median_relative_error=float(np.median(np.abs(estimated - exact) / np.maximum(np.abs(exact), 1e-12))),
+        missed_threshold=threshold,
+        missed_in_sample=missed,
+        missed_estimated=missed / max(1, int((~top).sum())) * n_outside,
+        n_outside_top=n_outside,
+        completeness=_completeness(attribution, completeness, target) if completeness is not None else None,
+    )
+
+
+def check_fidelity(
+    rm: RewardModel,
+    attribution: Attribution,
+    *,
+    saes: Any = None,
+    top_k: int = 50,
+    n_random: int = 50,
+    k: int = 10,
+    seed: int = 0,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+) -> FidelityCard:
+    """Ablate ``attribution``'s top ``top_k`` features and ``n_random`` other active ones (drawn
+    with ``seed``), and every node at once for completeness; return the :class:`FidelityCard`."""
+    ranking = attribution.ranking()
+    features = ranking[ranking.node == "feature"]
+    top = list(zip(features.hook_name[:top_k], features.feature[:top_k].astype(int)))
+    rest = list(zip(features.hook_name[top_k:], features.feature[top_k:].astype(int)))
+    generator = torch.Generator().manual_seed(seed)
+    sample = [rest[i] for i in torch.randperm(len(rest), generator=generator)[:n_random].tolist()]
+    s = attribution.settings
+    common = dict(saes=saes or list(attribution.saes.values()), mode=s["baseline"], positions=s["positions"], skip_first=s["skip_first"],
+                  batch_tokens=batch_tokens, progress=progress, baselines=attribution.baselines)
+    exact = ablate(rm, attribution.pairs, features=top + sample, **common)
+    everything = ablate(rm, attribution.pairs, features=ALL, **common)
+    return fidelity(attribution, exact, top_k=top_k, k=k, completeness=everything)
+
+
+def _mean_effect(attribution: Attribution, node: tuple[str, int]) -> float:
+    return float(attribution.dense_effects(node[0])[:, node[1]].mean())
+
+
+def _corr(fn: Any, a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(fn(a, b).statistic)
+
+
+def _completeness(attribution: Attribution, everything: Ablation, target: str) -> dict[str, float]:
+    exact = everything.effects(target)[:, 0].numpy()
+    attributed = attribution.total.numpy()
+    return {
+        "attributed_mean": float(attributed.mean()),
+        "exact_mean": float(exact.mean()),
+        "mean_abs_diff": float(np.abs(attributed - exact).mean()),
+        "pearson_over_pairs": _corr(stats.pearsonr, attributed, exact),
+    }

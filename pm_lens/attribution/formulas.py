@@ -1,0 +1,64 @@
+"""The attribution and ablation formulas: small pure functions over tensors (no model, no I/O).
+
+An SAE splits the activation at its hook into nodes: ``x = acts @ W_dec + b_dec + error``.
+Removing a node means moving it to its baseline (a feature to ``baseline``, the error to 0), which
+moves the activation by a *delta*; the effect of that delta on the reward, to first order, is the
+gradient of the reward with respect to the hook's output dotted with the delta. This is
+attribution patching (Nanda 2023; Syed et al. 2023, "Attribution Patching Outperforms Automated
+Circuit Discovery"); with the gradient averaged along the straight path from the activation to the
+fully removed one it is integrated gradients (Sundararajan et al. 2017), as used for SAE features
+with error nodes by Marks et al. 2024, "Sparse Feature Circuits".
+"""
+
+from __future__ import annotations
+
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+
+def node_effects(
+    grad: Float[Tensor, "batch pos d_in"],
+    acts: Float[Tensor, "batch pos d_sae"],
+    baseline: Float[Tensor, " d_sae"],
+    W_dec: Float[Tensor, "d_sae d_in"],
+    error: Float[Tensor, "batch pos d_in"],
+) -> tuple[Float[Tensor, "batch pos d_sae"], Float[Tensor, "batch pos"]]:
+    """Estimated effect on the reward of removing each feature and the error node, per position.
+
+    ``grad`` is d(reward)/d(hook output) (at the activation for AtP, averaged along the path for
+    IG). A feature's effect is ``(grad @ W_dec[i]) * (baseline[i] - acts[..., i])``; the error
+    node's is ``grad . (0 - error)``. Where the reward is linear in the hook output this is the
+    exact effect.
+    """
+    feature = (grad @ W_dec.T) * (baseline - acts)
+    error_effect = -(grad * error).sum(-1)
+    return feature, error_effect
+
+
+def removal_delta(
+    acts: Float[Tensor, "batch pos d_sae"],
+    baseline: Float[Tensor, " d_sae"],
+    W_dec: Float[Tensor, "d_sae d_in"],
+    error: Float[Tensor, "batch pos d_in"],
+    mask: Bool[Tensor, "batch pos"],
+) -> Float[Tensor, "batch pos d_in"]:
+    """The change of the hook's activation when *every* node (features and error) is removed at
+    the positions in ``mask``: from ``x`` to ``baseline @ W_dec + b_dec``."""
+    delta = (baseline - acts) @ W_dec - error
+    return delta * mask[..., None]
+
+
+def feature_delta(
+    acts: Float[Tensor, "batch pos"],
+    baseline: Float[Tensor, ""] | float,
+    direction: Float[Tensor, " d_in"],
+    mask: Bool[Tensor, "batch pos"],
+) -> Float[Tensor, "batch pos d_in"]:
+    """The change of the activation when one feature (decoder row ``direction``) is moved from
+    ``acts`` to ``baseline`` at the positions in ``mask``."""
+    return ((baseline - acts) * mask)[..., None] * direction
+
+
+def error_delta(error: Float[Tensor, "batch pos d_in"], mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_in"]:
+    """The change of the activation when the error node is removed (set to 0) at ``mask``."""
+    return -error * mask[..., None]

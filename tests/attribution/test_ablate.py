@@ -1,0 +1,83 @@
+"""Exact ablation: batched equals one by one; bad features are named."""
+
+import pytest
+import torch
+
+from pm_lens.attribution import ablate
+from pm_lens.attribution.nodes import run_with_deltas
+from pm_lens.attribution.positions import divergence, pair_masks
+from pm_lens.data import encode_pairs
+from tests.attribution.conftest import HOOKS
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_batched_equals_one_by_one(rm, pairs, saes, mode):
+    features = [(HOOKS[0], i) for i in range(0, 40, 3)] + [(HOOKS[1], i) for i in (1, 5, 9)] + [(HOOKS[0], -1), (HOOKS[1], -1)]
+    kwargs = dict(saes=saes, features=features, mode=mode, progress=False)
+    batched = ablate(rm, pairs, features_per_pass=4, **kwargs)
+    looped = ablate(rm, pairs, batched=False, **kwargs)
+    assert batched.nodes == looped.nodes == features
+    assert torch.allclose(batched.chosen, looped.chosen, atol=1e-5)
+    assert torch.allclose(batched.rejected, looped.rejected, atol=1e-5)
+    assert batched.margin.abs().max() > 1e-3  # the ablations do something
+
+
+def test_ablation_is_what_it_says(rm, pairs, saes):
+    """Removing a feature by hand (encode, zero it, decode, add the error back) gives the same change."""
+    hook, index = HOOKS[0], 7
+    result = ablate(rm, pairs[:1], saes=saes, features=[(hook, index)], progress=False)
+    side = encode_pairs(rm.tokenizer, pairs[:1], max_len=128).chosen
+    sae = saes[0]
+
+    def by_hand(act, hook):
+        acts = sae.encode(act)
+        error = act - sae.decode(acts)
+        acts[..., index] = 0
+        return sae.decode(acts) + error
+
+    with torch.no_grad():
+        clean = rm.reward(side.tokens, side.attention_mask)
+        with rm.hooks(fwd_hooks=[(hook, by_hand)]):
+            ablated = rm.reward(side.tokens, side.attention_mask)
+    assert torch.allclose(result.chosen[:, 0], ablated - clean, atol=1e-5)
+
+
+def test_joint_ablation_adds_all_deltas(rm, pairs, saes):
+    features = [(HOOKS[0], 2), (HOOKS[0], 11), (HOOKS[1], 4)]
+    joint = ablate(rm, pairs, saes=saes, features=features, jointly=True, progress=False)
+    assert joint.nodes == [("joint", 3)] and joint.margin.shape == (3, 1)
+    single = ablate(rm, pairs, saes=saes, features=features, progress=False)
+    # Not additive in general, but of the same size as the single effects together.
+    assert not torch.allclose(joint.margin[:, 0], torch.zeros(3))
+    assert joint.margin.abs().max() <= 10 * single.margin.abs().sum(1).max() + 1e-3
+
+
+def test_divergence_and_masks(rm, pairs):
+    batch = encode_pairs(rm.tokenizer, pairs, max_len=128)
+    start = divergence(batch)
+    for row in range(len(pairs)):
+        c, r = batch.chosen.tokens[row], batch.rejected.tokens[row]
+        k = int(start[row])
+        assert torch.equal(c[:k], r[:k]) and c[k] != r[k]
+    chosen_mask, _ = pair_masks(batch, "diverge")
+    assert not chosen_mask[0, : int(start[0])].any() and chosen_mask[0, int(start[0])]
+    completion, _ = pair_masks(batch, "completion", skip_first=True)
+    assert (completion.sum(1) == batch.chosen.attention_mask.sum(1) - batch.chosen.completion_start).all()
+
+
+def test_run_with_deltas_start_at_layer_matches_full_run(rm, pairs):
+    side = encode_pairs(rm.tokenizer, pairs, max_len=128).chosen
+    full, xs, _ = run_with_deltas(rm, side, ["blocks.2.hook_resid_pre"])
+    restarted, _, _ = run_with_deltas(rm, side, [], residual=xs["blocks.2.hook_resid_pre"], start_at_layer=2)
+    assert torch.allclose(full, restarted, atol=1e-5)
+
+
+def test_bad_features(rm, pairs, saes):
+    with pytest.raises(ValueError, match=r"feature 500 does not exist at blocks.1.hook_resid_post: valid are 0..127"):
+        ablate(rm, pairs, saes=saes, features=[(HOOKS[0], 500)])
+    with pytest.raises(ValueError, match=r"no SAE at 'blocks.0.hook_resid_post'; SAEs are at"):
+        ablate(rm, pairs, saes=saes, features=[("blocks.0.hook_resid_post", 1)])
+    with pytest.raises(ValueError, match="no features to ablate"):
+        ablate(rm, pairs, saes=saes, features=[])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ablate(rm, pairs, saes=saes, features=[(HOOKS[0], 1)], mode="resample")
