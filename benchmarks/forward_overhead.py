@@ -161,6 +161,7 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], *, repeats: int, w
 
 def time_table(models: Models, batches: list[Batch], *, repeats: int, warmup: int) -> pd.DataFrame:
     """HF vs pm_lens seconds and their ratio, for forward and forward+backward on each batch."""
+    diffs = {batch.name: max_reward_diff(models, batch) for batch in batches}
     rows = []
     modes = {"forward (no_grad)": forward_only, "forward+backward": forward_backward}
     for mode, make_run in modes.items():
@@ -170,13 +171,13 @@ def time_table(models: Models, batches: list[Batch], *, repeats: int, warmup: in
                 "pm_lens": make_run(models.rm, tl_reward, batch),
             }
             medians = interleaved_medians(runs, repeats=repeats, warmup=warmup)
-            diff, scale = max_reward_diff(models, batch)
+            diff, scale = diffs[batch.name]
             rows.append({
                 "pass": mode, "input": batch.name, "HF s": medians["HF"], "pm_lens s": medians["pm_lens"],
                 "ratio": medians["pm_lens"] / medians["HF"], "max |dreward|": diff, "max |reward|": scale,
             })
-    models.hf.zero_grad(set_to_none=True)
-    models.rm.zero_grad(set_to_none=True)
+    for model in (models.hf, models.rm):
+        model.zero_grad(set_to_none=True)  # free the gradients before profiling
     table = pd.DataFrame(rows)
     table["target met"] = table["ratio"] <= TARGET_RATIO
     return table
@@ -185,30 +186,62 @@ def time_table(models: Models, batches: list[Batch], *, repeats: int, warmup: in
 # ----------------------------------------------------------------------------- profile
 
 
-def op_profile(run: Callable[[], object], *, by_shape: bool = False) -> pd.DataFrame:
-    """Self CPU milliseconds and call counts per aten op (and input shape) for one call of ``run``."""
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
-        run()
-    rows = [
-        {"op": e.key, "shapes": str(e.input_shapes) if by_shape else "", "ms": e.self_cpu_time_total / 1e3,
-         "calls": e.count}
-        for e in prof.key_averages(group_by_input_shape=by_shape)
-        if e.self_cpu_time_total > 0
-    ]
-    return pd.DataFrame(rows)
+def profile_forward(run: Callable[[], object]) -> list:
+    """torch.profiler events (with input shapes) of one warm forward, per aten op and shape."""
+    with torch.no_grad():
+        run()  # warm: first calls on new shapes pay one-off kernel set-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            run()
+    return [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
 
 
-def op_comparison(models: Models, batch: Batch, *, top: int) -> pd.DataFrame:
+def per_op(events: list) -> pd.DataFrame:
+    """Self CPU milliseconds and calls per op, all input shapes together."""
+    rows = [{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in events]
+    return pd.DataFrame(rows).groupby("op").sum()
+
+
+def op_comparison(hf_events: list, tl_events: list, *, top: int) -> pd.DataFrame:
     """Per-op self time in one forward, HF vs pm_lens, sorted by pm_lens's extra milliseconds."""
-    hf = op_profile(lambda: hf_reward(models.hf, batch)).set_index("op")
-    tl = op_profile(lambda: tl_reward(models.rm, batch)).set_index("op")
-    table = hf[["ms", "calls"]].join(tl[["ms", "calls"]], how="outer", lsuffix=" HF", rsuffix=" pm_lens")
+    table = per_op(hf_events).add_suffix(" HF").join(per_op(tl_events).add_suffix(" pm_lens"), how="outer")
     table = table.fillna(0)
     table["extra ms"] = table["ms pm_lens"] - table["ms HF"]
-    total = table[["ms HF", "ms pm_lens", "extra ms"]].sum().rename("(all ops)")
+    total = table.sum(numeric_only=True).rename("(all ops)")
     table = table.sort_values("extra ms", ascending=False)
     shown = pd.concat([table.head(top), table.tail(3), total.to_frame().T])
-    return shown[["ms HF", "calls HF", "ms pm_lens", "calls pm_lens", "extra ms"]]
+    return shown[["ms HF", "calls HF", "ms pm_lens", "calls pm_lens", "extra ms"]].astype(
+        {"calls HF": int, "calls pm_lens": int})
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def non_matmul_ops_by_shape(events: list, model: torch.nn.Module, batch: Batch, *, top: int) -> pd.DataFrame:
+    """The most expensive non-matmul ops of one forward, by input shape, with what the shape looks like.
+
+    A tensor whose dimensions are a weight's (in any order, heads flattened or not) is labelled
+    "weight": copying one each forward is pure overhead. ``[batch, head, pos, pos]`` is "pattern".
+    """
+    weight_dims = set()
+    for param in model.parameters():
+        if param.ndim >= 2:
+            weight_dims.add(tuple(sorted(param.shape)))
+            weight_dims.add(tuple(sorted((param.shape[0] * param.shape[-1], *param.shape[1:-1]))))
+            weight_dims.add(tuple(sorted((param.shape[0] * param.shape[1], *param.shape[2:]))))
+    n_batch, n_pos = batch.tokens.shape
+
+    def looks_like(shapes: list) -> str:
+        first = tuple(shapes[0]) if shapes and shapes[0] else ()
+        if tuple(sorted(first)) in weight_dims and first[:1] != (n_batch,):
+            return "weight"
+        if len(first) == 4 and first[0] == n_batch and first[2:] == (n_pos, n_pos):
+            return "pattern"
+        return "activation" if first else ""
+
+    rows = [{"op": e.key, "first input": str(list(e.input_shapes[0])) if e.input_shapes else "",
+             "looks like": looks_like(e.input_shapes), "ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+            for e in events if e.key not in MATMULS]
+    return pd.DataFrame(rows).sort_values("ms", ascending=False).head(top).set_index(["op", "first input"])
 
 
 # Which submodules make up each component, in each model (the rest is residual adds,
@@ -219,60 +252,68 @@ TL_COMPONENTS = {"embed": ("embed",), "norms": ("ln1", "ln2", "ln_final"), "atte
                  "mlp": ("mlp",), "head": ("unembed",)}
 
 
-def component_times(model: torch.nn.Module, run: Callable[[], object], components: dict[str, tuple[str, ...]],
-                    *, repeats: int) -> dict[str, float]:
-    """Median milliseconds per component over ``repeats`` forwards, timed with forward hooks."""
-    kinds = {leaf: kind for kind, leaves in components.items() for leaf in leaves}
-    totals: dict[str, list[float]] = defaultdict(list)
-    current: dict[str, float] = defaultdict(float)
-    starts: dict[int, float] = {}
+class ComponentClock:
+    """Seconds spent in each component of a model during one call, measured with forward hooks.
 
-    def pre_hook(module: torch.nn.Module, *_: object) -> None:
-        starts[id(module)] = time.perf_counter()
+    ``components`` maps a component to the last names of the submodules that make it up
+    (``"mlp"`` matches every ``blocks.N.mlp``); a matching module inside another is not timed twice.
+    """
 
-    def post_hook(kind: str) -> Callable:
-        def hook(module: torch.nn.Module, *_: object) -> None:
-            current[kind] += time.perf_counter() - starts.pop(id(module))
+    def __init__(self, model: torch.nn.Module, components: dict[str, tuple[str, ...]]):
+        self.components = components
+        kinds = {leaf: kind for kind, leaves in components.items() for leaf in leaves}
+        timed = {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in kinds}
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._starts: dict[int, float] = {}
+        self._handles = []
+        for name, module in timed.items():
+            if not any(name.startswith(outer + ".") for outer in timed):
+                kind = kinds[name.rsplit(".", 1)[-1]]
+                self._handles.append(module.register_forward_pre_hook(self._start))
+                self._handles.append(module.register_forward_hook(self._stopper(kind)))
 
-        return hook
+    def _start(self, module: torch.nn.Module, *_: object) -> None:
+        self._starts[id(module)] = time.perf_counter()
 
-    timed = {name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in kinds}
-    handles = []
-    for name, module in timed.items():
-        if any(name.startswith(outer + ".") for outer in timed):
-            continue  # inside a timed module: counted there already
-        kind = kinds[name.rsplit(".", 1)[-1]]
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook(kind)))
-    try:
+    def _stopper(self, kind: str) -> Callable:
+        def stop(module: torch.nn.Module, *_: object) -> None:
+            self.seconds[kind] += time.perf_counter() - self._starts.pop(id(module))
+
+        return stop
+
+    def measure(self, run: Callable[[], object]) -> dict[str, float]:
+        """Component seconds of one call of ``run``; ``rest`` is the time outside all of them."""
+        self.seconds.clear()
+        start = time.perf_counter()
         with torch.no_grad():
-            for _ in range(repeats):
-                current.clear()
-                start = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - start
-                for kind in components:
-                    totals[kind].append(current[kind])
-                totals["rest"].append(elapsed - sum(current.values()))
-                totals["total"].append(elapsed)
-    finally:
-        for handle in handles:
+            run()
+        total = time.perf_counter() - start
+        parts = {kind: self.seconds[kind] for kind in self.components}
+        return parts | {"rest": total - sum(parts.values()), "total": total}
+
+    def remove(self) -> None:
+        for handle in self._handles:
             handle.remove()
-    return {kind: 1e3 * statistics.median(ts) for kind, ts in totals.items()}
 
 
 def component_comparison(models: Models, batch: Batch, *, repeats: int) -> pd.DataFrame:
-    hf = component_times(models.hf, lambda: hf_reward(models.hf, batch), HF_COMPONENTS, repeats=repeats)
-    tl = component_times(models.rm, lambda: tl_reward(models.rm, batch), TL_COMPONENTS, repeats=repeats)
-    table = pd.DataFrame({"HF ms": hf, "pm_lens ms": tl})
+    """Median milliseconds per component of a forward, HF and pm_lens measured interleaved."""
+    clocks = {"HF": ComponentClock(models.hf, HF_COMPONENTS), "pm_lens": ComponentClock(models.rm, TL_COMPONENTS)}
+    runs = {"HF": lambda: hf_reward(models.hf, batch), "pm_lens": lambda: tl_reward(models.rm, batch)}
+    samples: dict[str, list[dict[str, float]]] = defaultdict(list)
+    try:
+        for i in range(repeats + 1):  # the first round is a warm-up
+            for name, clock in clocks.items():
+                parts = clock.measure(runs[name])
+                if i > 0:
+                    samples[name].append(parts)
+    finally:
+        for clock in clocks.values():
+            clock.remove()
+    table = pd.DataFrame({f"{name} ms": 1e3 * pd.DataFrame(rows).median() for name, rows in samples.items()})
     table["extra ms"] = table["pm_lens ms"] - table["HF ms"]
     table["ratio"] = table["pm_lens ms"] / table["HF ms"]
     return table
-
-
-def top_tl_ops_by_shape(models: Models, batch: Batch, *, top: int) -> pd.DataFrame:
-    table = op_profile(lambda: tl_reward(models.rm, batch), by_shape=True)
-    return table.sort_values("ms", ascending=False).head(top).set_index(["op", "shapes"])
 
 
 # ----------------------------------------------------------------------------- variants
@@ -367,10 +408,14 @@ def main() -> None:
         print(f"\nWhere the time goes: one forward (no_grad, '{full.name}' batch)")
         print("\nComponents (forward hooks, median of runs; 'rest' = residual adds, masks, hooks, pooling):")
         print(component_comparison(models, full, repeats=args.repeats).to_string())
-        print("\nOps (torch.profiler self CPU ms; sorted by pm_lens's extra ms over HF):")
-        print(op_comparison(models, full, top=args.top).to_string())
-        print("\npm_lens's most expensive ops by input shape:")
-        print(top_tl_ops_by_shape(models, full, top=args.top).to_string())
+        hf_events = profile_forward(lambda: hf_reward(models.hf, full))
+        tl_events = profile_forward(lambda: tl_reward(models.rm, full))
+        print("\nOps (torch.profiler, self CPU ms of one forward; sorted by pm_lens's extra ms over HF):")
+        print(op_comparison(hf_events, tl_events, top=args.top).to_string())
+        print("\npm_lens's most expensive ops other than matmuls, by input shape (same profile):")
+        print(non_matmul_ops_by_shape(tl_events, models.rm, full, top=args.top).to_string())
+        print("\nHF's, for comparison:")
+        print(non_matmul_ops_by_shape(hf_events, models.hf, full, top=args.top // 2).to_string())
 
     if args.variants:
         print(f"\nVariants (forward, no_grad, '{batches[0].name}' batch; each interleaved with HF SDPA):")

@@ -27,6 +27,7 @@ from pm_lens.saes import evaluate_sae as evaluate_sae
 from pm_lens.saes import feature_acts as feature_acts
 from pm_lens.saes import load_sae as load_sae
 from pm_lens.saes import saes_attached as saes_attached
+from pm_lens.saes import train_saes as train_saes
 from pm_lens.scoring import score_pairs as score_pairs
 
 __all__ = [
@@ -52,4 +53,5 @@ __all__ = [
     "saes_attached",
     "score_pairs",
     "split_hh",
+    "train_saes",
 ]

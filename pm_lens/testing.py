@@ -1,4 +1,5 @@
-"""Tiny random-init reward models and a character tokenizer, for tests, demos and benchmarks.
+"""Tiny random-init reward models, a character tokenizer and sparse random SAEs, for tests,
+demos and benchmarks.
 
 Everything here is built from configs in memory: no hub, no download. ``tiny_hf_reward_model``
 gives a ``*ForSequenceClassification`` of each supported architecture with a few layers and a
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 import transformers
+from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 # Special tokens first, then printable ASCII: ids are stable across runs.
@@ -89,3 +92,29 @@ def tiny_hf_reward_model(
     with torch.no_grad():
         model.score.weight.normal_(0.0, 1.0)
     return model.eval()
+
+
+def calibrate_sparsity(sae: SAE, x: torch.Tensor, *, fire_rate: float = 0.05) -> SAE:
+    """Centre the SAE on ``x`` (activations of the hook, ``[n, d_in]``) like a trained one
+    (``b_dec`` = mean), set the encoder bias so each feature fires on about ``fire_rate`` of the
+    rows, and scale the decoder to the activations' size."""
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        pre = (x - sae.b_dec) @ sae.W_enc
+        sae.b_enc.copy_(-torch.quantile(pre, 1 - fire_rate, dim=0))
+        sae.W_dec.mul_((x - sae.b_dec).norm(dim=-1).mean() / sae.W_dec.norm(dim=-1).mean())
+    return sae
+
+
+def sparse_sae_for(rm, hook_name: str, tokens: torch.Tensor, *, d_sae: int = 256, seed: int = 0,
+                   fire_rate: float = 0.05) -> SAE:
+    """A random SAE at ``hook_name`` made sparse on ``rm``'s own activations for ``tokens``."""
+    _, cache = rm.run_with_cache(tokens, names_filter=hook_name)
+    x = cache[hook_name].flatten(0, -2)
+    torch.manual_seed(seed)
+    d_in = x.shape[-1]
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name)))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1 / d_in**0.5)
+        sae.W_dec.normal_(0, 1 / d_sae**0.5)
+    return calibrate_sparsity(sae, x, fire_rate=fire_rate)

@@ -9,9 +9,11 @@ set of nodes, each computed from the clean run.
 Batched (the default), per batch of pairs and side:
 1. one clean run reads the reward, each SAE hook's activation and the residual stream entering
    each needed layer;
-2. for the features of one hook, ``features_per_pass`` copies of the batch are stacked along the
-   batch dimension, each with one feature's delta, and the forward restarts at the hook's layer
-   from the cached residual (``start_at_layer``) instead of recomputing the earlier layers.
+2. for the features of one hook, the rows where the feature is nonzero are stacked along the batch
+   dimension (up to ``batch_tokens`` tokens per forward), each with that feature's delta, and the
+   forward restarts at the hook's layer from the cached residual (``start_at_layer``; for a
+   ``hook_resid_post`` the delta is the next layer's input) instead of recomputing earlier layers.
+   A row where the feature never fires is unchanged by its removal and is not run at all.
 With ``batched=False`` every feature gets a full forward of its own (the reference the batched
 path is tested against, and the baseline of ``benchmarks/attribution_cost.py``).
 """
@@ -90,7 +92,6 @@ def ablate(
     baselines: dict[str, Tensor] | None = None,
     skip_first: bool = False,
     batched: bool = True,
-    features_per_pass: int = 32,
     batch_tokens: int = 4096,
     truncate: bool = False,
     progress: bool = True,
@@ -105,7 +106,9 @@ def ablate(
         baselines: per hook, ``[d_sae]`` values to remove features to, overriding ``mode``
             (e.g. ``attribution.baselines``, to ablate exactly what was attributed).
         positions, skip_first, reference_pairs, batch_tokens, truncate: as for ``attribute``.
-        batched: stack ``features_per_pass`` ablations per forward, restarted at the hook's layer.
+        batched: stack the ablations of one hook along the batch (up to ``batch_tokens`` tokens
+            per forward), only for the rows where the node is nonzero, restarted at the hook's
+            layer; ``False`` runs one full forward per node (the reference).
     """
     if mode not in BASELINES:
         raise ValueError(f"mode must be one of {BASELINES}, got {mode!r}")
@@ -132,7 +135,7 @@ def ablate(
                 elif jointly:
                     result = runner.joint(nodes)
                 else:
-                    result = runner.each(nodes, batched=batched, per_pass=features_per_pass)
+                    result = runner.each(nodes, batched=batched, budget=batch_tokens)
                 columns[side_name].append(result)
     out_nodes = [(ALL, len(nodes))] if features == ALL else [("joint", len(nodes))] if jointly else nodes
     return Ablation(nodes=out_nodes, chosen=torch.cat(columns["chosen"]).float().cpu(),
@@ -173,8 +176,8 @@ class _SideRunner:
                 return error_delta(nodes.error, self.mask)
             return feature_delta(nodes.acts[..., index], self.baselines[hook][index], self.saes[hook].W_dec[index], self.mask)
 
-    def each(self, nodes: list[Node], *, batched: bool, per_pass: int) -> Tensor:
-        out = torch.empty(self.side.tokens.shape[0], len(nodes), device=self.clean.device)
+    def each(self, nodes: list[Node], *, batched: bool, budget: int) -> Tensor:
+        out = torch.zeros(self.side.tokens.shape[0], len(nodes), device=self.clean.device)
         if not batched:
             for column, node in enumerate(nodes):
                 rewards, _, _ = run_with_deltas(self.rm, self.side, [], deltas={node[0]: self.delta(node)})
@@ -183,21 +186,44 @@ class _SideRunner:
         by_hook: dict[str, list[int]] = defaultdict(list)
         for column, node in enumerate(nodes):
             by_hook[node[0]].append(column)
+        width = self.side.tokens.shape[1]
         for hook, columns in by_hook.items():
-            for start in range(0, len(columns), per_pass):
-                chunk = columns[start : start + per_pass]
-                deltas = torch.cat([self.delta(nodes[c]) for c in chunk])
-                out[:, chunk] = (self._stacked(hook, deltas, len(chunk)) - self.clean.repeat(len(chunk))).view(len(chunk), -1).T
+            pending: list[tuple[int, Tensor, Tensor]] = []
+            for column in columns:
+                delta = self.delta(nodes[column])
+                # Rows where the node is zero at every selected position are unchanged: skip them.
+                rows = delta.flatten(1).any(1).nonzero().flatten()
+                if len(rows):
+                    pending.append((column, rows, delta[rows]))
+                if pending and (sum(len(r) for _, r, _ in pending) + len(rows)) * width > budget:
+                    self._flush(hook, pending, out)
+            if pending:
+                self._flush(hook, pending, out)
         return out
 
-    def _stacked(self, hook: str, deltas: Tensor, copies: int) -> Tensor:
+    def _flush(self, hook: str, pending: list[tuple[int, Tensor, Tensor]], out: Tensor) -> None:
+        """Run the stacked (column, rows, delta) ablations of one hook in one forward."""
+        rows = torch.cat([r for _, r, _ in pending])
+        deltas = torch.cat([d for _, _, d in pending])
+        rewards = self._stacked(hook, rows, deltas) - self.clean[rows]
+        offset = 0
+        for column, r, _ in pending:
+            out[r, column] = rewards[offset : offset + len(r)]
+            offset += len(r)
+        pending.clear()
+
+    def _stacked(self, hook: str, rows: Tensor, deltas: Tensor) -> Tensor:
         layer = hook_layer(hook)
         if layer is None:
-            side = TokenBatch(self.side.tokens.repeat(copies, 1), self.side.attention_mask.repeat(copies, 1),
-                              self.side.completion_start.repeat(copies))
+            side = TokenBatch(self.side.tokens[rows], self.side.attention_mask[rows], self.side.completion_start[rows])
             return run_with_deltas(self.rm, side, [], deltas={hook: deltas})[0]
-        residual = self.residuals[f"blocks.{layer}.hook_resid_pre"].repeat(copies, 1, 1)
-        return run_with_deltas(self.rm, self.side, [], deltas={hook: deltas}, residual=residual, start_at_layer=layer)[0]
+        if hook == f"blocks.{layer}.hook_resid_post":
+            # The delta is the next layer's input: start there, skipping layer ``layer`` too.
+            residual = self.nodes[hook].x[rows] + deltas
+            return run_with_deltas(self.rm, self.side, [], residual=residual, start_at_layer=layer + 1, rows=rows)[0]
+        residual = self.residuals[f"blocks.{layer}.hook_resid_pre"][rows]
+        return run_with_deltas(self.rm, self.side, [], deltas={hook: deltas}, residual=residual, start_at_layer=layer,
+                               rows=rows)[0]
 
     def joint(self, nodes: list[Node]) -> Tensor:
         deltas: dict[str, Tensor] = {}

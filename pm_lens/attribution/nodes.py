@@ -96,13 +96,14 @@ def run_with_deltas(
     with_grad: bool = False,
     residual: Tensor | None = None,
     start_at_layer: int | None = None,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Run the reward model, adding ``deltas[hook]`` to the activation at each hook.
 
     Returns the rewards ``[batch]``, the activation at every hook in ``hook_names`` (after its
     delta), and, with ``with_grad``, d(sum of rewards)/d(hook output) for each hook. With
-    ``residual`` and ``start_at_layer`` the forward starts there instead of at the tokens (the
-    batch may then be a stack of copies: ``batch`` rows are repeated to match).
+    ``residual`` and ``start_at_layer`` the forward starts there instead of at the tokens; its
+    rows are the batch rows ``rows`` (default: all), in that order, repeats allowed.
     """
     deltas = deltas or {}
     seen: dict[str, Tensor] = {}
@@ -123,8 +124,7 @@ def run_with_deltas(
         if residual is None:
             rewards = rm.reward(tokens, mask)
         else:
-            copies = residual.shape[0] // tokens.shape[0]
-            tokens, mask = tokens.repeat(copies, 1), mask.repeat(copies, 1)
+            mask = mask if rows is None else mask[rows]
             per_position = rm(residual, start_at_layer=start_at_layer, attention_mask=mask)[..., 0]
             last = mask.sum(-1) - 1  # right padding
             rewards = per_position.gather(1, last[:, None])[:, 0]

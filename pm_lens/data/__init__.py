@@ -3,6 +3,7 @@
 from pm_lens.data.encoding import PairBatch as PairBatch
 from pm_lens.data.encoding import TokenBatch as TokenBatch
 from pm_lens.data.encoding import encode_completions as encode_completions
+from pm_lens.data.encoding import encode_texts as encode_texts
 from pm_lens.data.encoding import encode_pairs as encode_pairs
 from pm_lens.data.encoding import format_text as format_text
 from pm_lens.data.pairs import PreferencePair as PreferencePair

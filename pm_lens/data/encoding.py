@@ -121,6 +121,42 @@ def encode_completions(
     return _pad(rows, starts, pad_token_id(tokenizer), padding_side)
 
 
+def encode_texts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_len: int,
+    padding_side: str = "right",
+    truncate: bool = False,
+) -> TokenBatch:
+    """Tokenize already-formatted texts and pad them into one batch (``completion_start`` is 0).
+
+    Special tokens are added unless the tokenizer has a chat template (the text then carries its
+    own). A text longer than ``max_len`` raises a ValueError, or with ``truncate`` loses its start.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if not texts:
+        raise ValueError("nothing to encode: no texts")
+    add_special = not getattr(tokenizer, "chat_template", None)
+    rows, cut = [], 0
+    for index, text in enumerate(texts):
+        ids = list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        if not ids:
+            raise ValueError(f"the tokenizer produced no tokens for text {index} ({text[:60]!r})")
+        if len(ids) > max_len:
+            if not truncate:
+                raise ValueError(
+                    f"text {index} is {len(ids)} tokens, longer than the context max_len={max_len}; "
+                    "shorten it or pass truncate=True to cut its start"
+                )
+            ids, cut = ids[-max_len:], cut + 1
+        rows.append(ids)
+    if cut:
+        warnings.warn(f"truncated {cut} of {len(rows)} texts to the context of {max_len} tokens", stacklevel=2)
+    return _pad(rows, [0] * len(rows), pad_token_id(tokenizer), padding_side)
+
+
 def encode_pairs(
     tokenizer: Any,
     pairs: Sequence[PreferencePair],

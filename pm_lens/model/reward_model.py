@@ -175,7 +175,7 @@ class RewardModel(HookedSAETransformer):
         """Use ``tokenizer`` for text input, without the hub look-ups TL's ``set_tokenizer`` makes.
 
         A tokenizer without a pad token is fine: pm_lens pads with its own id and always
-        passes an attention mask (see ``pm_lens.data.encode_texts``).
+        passes an attention mask (see ``pm_lens.data.encode_completions``).
         """
         self.tokenizer = tokenizer
         self.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0

@@ -14,7 +14,7 @@ from tests.attribution.conftest import HOOKS
 def test_batched_equals_one_by_one(rm, pairs, saes, mode):
     features = [(HOOKS[0], i) for i in range(0, 40, 3)] + [(HOOKS[1], i) for i in (1, 5, 9)] + [(HOOKS[0], -1), (HOOKS[1], -1)]
     kwargs = dict(saes=saes, features=features, mode=mode, progress=False)
-    batched = ablate(rm, pairs, features_per_pass=4, **kwargs)
+    batched = ablate(rm, pairs, batch_tokens=200, **kwargs)
     looped = ablate(rm, pairs, batched=False, **kwargs)
     assert batched.nodes == looped.nodes == features
     assert torch.allclose(batched.chosen, looped.chosen, atol=1e-5)

@@ -81,3 +81,15 @@ def test_mismatched_lengths_and_bad_side(tokenizer):
         encode_completions(tokenizer, ["a", "b"], ["c"], max_len=128)
     with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'middle'"):
         encode_completions(tokenizer, ["a"], ["c"], max_len=128, padding_side="middle")
+
+
+def test_encode_texts(tokenizer):
+    from pm_lens.data import encode_texts
+
+    batch = encode_texts(tokenizer, ["abc", "abcdef"], max_len=128, padding_side="left")
+    assert batch.tokens.shape == (2, 6) and batch.attention_mask[0].tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"text 1 is 6 tokens, longer than the context max_len=4"):
+        encode_texts(tokenizer, ["abc", "abcdef"], max_len=4)
+    with pytest.warns(UserWarning, match="truncated 1 of 2"):
+        cut = encode_texts(tokenizer, ["abc", "abcdef"], max_len=4, truncate=True)
+    assert tokenizer.decode(cut.tokens[1]) == "cdef"

@@ -40,22 +40,5 @@ def build_jumprelu_sae(hook_name: str, *, d_in: int = 64, d_sae: int = 256, seed
     return sae
 
 
-def calibrate_sparsity(sae: StandardSAE, x: torch.Tensor, *, fire_rate: float = 0.05) -> StandardSAE:
-    """Centre the SAE on ``x`` (activations of the hook, ``[n, d_in]``) like a trained one
-    (``b_dec`` = mean), set the encoder bias so each feature fires on about ``fire_rate`` of the
-    rows, and scale the decoder to the activations' size."""
-    with torch.no_grad():
-        sae.b_dec.copy_(x.mean(0))
-        pre = (x - sae.b_dec) @ sae.W_enc
-        sae.b_enc.copy_(-torch.quantile(pre, 1 - fire_rate, dim=0))
-        sae.W_dec.mul_((x - sae.b_dec).norm(dim=-1).mean() / sae.W_dec.norm(dim=-1).mean())
-    return sae
-
-
-def sparse_sae_for(rm, hook_name: str, tokens: torch.Tensor, *, d_sae: int = 256, seed: int = 0,
-                   fire_rate: float = 0.05) -> StandardSAE:
-    """A random SAE at ``hook_name`` made sparse on ``rm``'s own activations for ``tokens``."""
-    _, cache = rm.run_with_cache(tokens, names_filter=hook_name)
-    x = cache[hook_name].flatten(0, -2)
-    sae = build_standard_sae(hook_name, d_in=x.shape[-1], d_sae=d_sae, seed=seed, sparse=False)
-    return calibrate_sparsity(sae, x, fire_rate=fire_rate)
+from pm_lens.testing import calibrate_sparsity as calibrate_sparsity  # noqa: E402
+from pm_lens.testing import sparse_sae_for as sparse_sae_for  # noqa: E402
