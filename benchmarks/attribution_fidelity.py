@@ -93,7 +93,7 @@ def main() -> None:
     start = time.perf_counter()
     trained = train_saes(rm, train, hook_names=hooks, d_sae=args.d_sae, seed=0, progress=False)
     print(f"SAEs trained in {time.perf_counter() - start:.0f}s: "
-          + ", ".join(f"{h}: FVU {s['fvu']:.3f}, L0 {s['l0']:.1f}" for h, s in trained.stats.items()))
+          + ", ".join(f"{h}: FVU {row.fvu:.3f}, L0 {row.l0:.1f}" for h, row in trained.stats.iterrows()))
 
     rows = []
     for hook in hooks:
