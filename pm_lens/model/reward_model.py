@@ -162,9 +162,15 @@ class RewardModel(HookedSAETransformer):
 
         if local_files_only is None:
             local_files_only = Path(name_or_path).is_dir()
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), local_files_only=local_files_only, dtype=dtype or torch.float32
-        )
+        try:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(
+                str(name_or_path), local_files_only=local_files_only, dtype=dtype or torch.float32
+            )
+        except OSError as err:
+            raise OSError(
+                f"cannot load a reward model from {str(name_or_path)!r}: it is not a local model directory, "
+                "and a hub name needs network or the local Hugging Face cache"
+            ) from err
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
         except (OSError, ValueError):

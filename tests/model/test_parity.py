@@ -109,3 +109,15 @@ def test_dtype_and_device_arguments(tokenizer):
     rewards = rm.reward(tokens, mask).float()
     # bfloat16 keeps ~3 significant digits; the check is that it is the same function.
     assert (rewards - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_from_pretrained_reads_a_local_directory_offline(tmp_path, tokenizer):
+    hf_model = tiny_hf_reward_model("GPTNeoXForSequenceClassification")
+    hf_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    rm = RewardModel.from_pretrained(tmp_path)
+    assert rm.tokenizer is not None and rm.hf_architecture == "GPTNeoXForSequenceClassification"
+    tokens, mask = raw_batch(rm.tokenizer, "left")
+    assert (rm.reward(tokens, mask) - hf_rewards_one_by_one(hf_model, tokenizer)).abs().max() <= 1e-4
+    with pytest.raises(OSError, match="cannot load a reward model from '.*missing'"):
+        RewardModel.from_pretrained(tmp_path / "missing")
