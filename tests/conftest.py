@@ -20,3 +20,18 @@ def tokenizer():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def first_load(tmp_path_factory):
+    """SmolLM2 loaded once per session into a fresh cache (the one ~20 s dequantisation)."""
+    import time
+    from types import SimpleNamespace
+
+    from pm_lens.model.smollm2 import load_smollm2
+
+    cache_dir = tmp_path_factory.mktemp("pm_lens_cache")
+    start = time.perf_counter()
+    model, tokenizer = load_smollm2(cache_dir=cache_dir)
+    seconds = time.perf_counter() - start
+    return SimpleNamespace(cache_dir=cache_dir, model=model, tokenizer=tokenizer, seconds=seconds)

@@ -10,7 +10,6 @@ import importlib.metadata
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,16 +30,6 @@ from pm_lens.testing import CHAR_VOCAB, char_tokenizer
 
 PROMPTS = ["What is the capital of France?", "Say hi."]
 COMPLETIONS = ["The capital of France is Paris.", "Hi! How can I help you today?"]
-
-
-@pytest.fixture(scope="session")
-def first_load(tmp_path_factory):
-    """The one dequantisation of the session, into a fresh cache."""
-    cache_dir = tmp_path_factory.mktemp("pm_lens_cache")
-    start = time.perf_counter()
-    model, tokenizer = load_smollm2(cache_dir=cache_dir)
-    seconds = time.perf_counter() - start
-    return SimpleNamespace(cache_dir=cache_dir, model=model, tokenizer=tokenizer, seconds=seconds)
 
 
 @pytest.fixture(scope="module")

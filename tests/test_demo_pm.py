@@ -1,0 +1,39 @@
+"""The embedded default PM: SmolLM2 + the shipped weights, loaded through the cache."""
+
+import pytest
+import torch
+
+from pm_lens.data.planted import PLANTED_EFFECTS, make_planted, single_attribute
+from pm_lens.demo_pm import DEMO_PM_FILE, demo_reward_model
+from pm_lens.scoring import score_pairs
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def demo_pm(first_load):
+    return demo_reward_model(cache_dir=first_load.cache_dir)
+
+
+def test_shipped_weights_are_small_and_half_precision():
+    from safetensors.torch import load_file
+
+    assert DEMO_PM_FILE.stat().st_size <= 15 * 2**20
+    weights = load_file(str(DEMO_PM_FILE))
+    assert "score.weight" in weights and {w.dtype for w in weights.values()} == {torch.float16}
+
+
+def test_default_pm_loads_from_the_cache_and_applies_its_head(demo_pm, first_load):
+    assert demo_pm.hf_architecture == "LlamaForSequenceClassification" and demo_pm.cfg.n_layers == 30
+    assert torch.isfinite(demo_pm.W_U).all() and demo_pm.W_U.abs().sum() > 0
+
+
+def test_planted_attributes_move_reward_in_their_direction(demo_pm):
+    test = make_planted(seed=0).test
+    for attribute in PLANTED_EFFECTS:
+        if attribute == "correct":
+            continue  # a 135M model knows few facts: reported, not asserted
+        pairs = single_attribute(test, attribute)[:4]
+        margins = score_pairs(demo_pm, pairs, progress=False).margin
+        # chosen is the planted-preferred side, so a positive margin is the planted direction
+        assert (margins > 0).mean() >= 0.75, (attribute, margins.tolist())
