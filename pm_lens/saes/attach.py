@@ -37,7 +37,7 @@ def hook_widths(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, int]:
     """
     unknown = [name for name in hook_names if name not in rm.hook_dict]
     if unknown:
-        raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {_example_hooks(rm)}")
+        raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {example_hooks(rm)}")
     shapes: dict[str, int] = {}
 
     def record(act: Tensor, hook: Any) -> None:
@@ -45,18 +45,25 @@ def hook_widths(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, int]:
 
     tokens = torch.zeros((1, 2), dtype=torch.long, device=rm.cfg.device)
     with torch.no_grad():
-        rm.run_with_hooks(tokens, fwd_hooks=[(name, record) for name in hook_names], stop_at_layer=_stop_layer(rm, hook_names))
+        rm.run_with_hooks(tokens, fwd_hooks=[(name, record) for name in hook_names], stop_at_layer=stop_layer(rm, hook_names))
     return shapes
 
 
-def _stop_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
-    layers = [int(name.split(".")[1]) for name in hook_names if name.startswith("blocks.")]
-    if len(layers) < len(hook_names) or max(layers) + 1 >= rm.cfg.n_layers:
-        return None
-    return max(layers) + 1
+def stop_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
+    """One past the last block any hook needs; None (run everything) for hooks after the blocks."""
+    layers = []
+    for name in hook_names:
+        if name.startswith("blocks."):
+            layers.append(int(name.split(".")[1]))
+        elif name.startswith("hook_"):  # the embeddings, before block 0
+            layers.append(-1)
+        else:
+            return None
+    last = max(layers) + 1
+    return None if last >= rm.cfg.n_layers else last
 
 
-def _example_hooks(rm: RewardModel) -> list[str]:
+def example_hooks(rm: RewardModel) -> list[str]:
     last = rm.cfg.n_layers - 1
     names = ["blocks.0.hook_resid_pre", f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_mlp_out",
              f"blocks.{last}.attn.hook_z", f"blocks.{last}.mlp.hook_post"]

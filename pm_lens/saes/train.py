@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from pm_lens.data import PreferencePair, TokenBatch, encode_pairs, encode_texts
 from pm_lens.io import write_atomic
+from pm_lens.saes.attach import example_hooks, stop_layer
 from pm_lens.model import RewardModel
 
 CONFIG_FILENAME = "training_config.json"
@@ -249,7 +250,7 @@ def _check_arguments(rm: RewardModel, hook_names: Sequence[str], *, d_sae: int, 
         raise ValueError(f"hook name(s) {duplicates} given more than once")
     unknown = [name for name in hook_names if name not in rm.hook_dict]
     if unknown:
-        raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {_example_hooks(rm)}")
+        raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {example_hooks(rm)}")
     if rm.acts_to_saes:
         raise ValueError(f"SAEs are attached at {list(rm.acts_to_saes)}; detach them to train on the model's own "
                          "activations (pm_lens.saes.detach_saes)")
@@ -266,13 +267,6 @@ def _check_arguments(rm: RewardModel, hook_names: Sequence[str], *, d_sae: int, 
                          ("max_tokens", max_tokens), ("lr", lr)):
         if value is not None and not value > 0:
             raise ValueError(f"{label} must be > 0, got {value}")
-
-
-def _example_hooks(rm: RewardModel) -> list[str]:
-    last = rm.cfg.n_layers - 1
-    names = ["blocks.0.hook_resid_pre", f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_mlp_out",
-             f"blocks.{last}.attn.hook_z", f"blocks.{last}.mlp.hook_post"]
-    return [name for name in names if name in rm.hook_dict]
 
 
 # --- 2. collecting activations ----------------------------------------------------------------
@@ -299,7 +293,7 @@ def collect_activations(
     flattened to ``n_heads * d_head``.
     """
     chunks: dict[str, list[Tensor]] = {name: [] for name in hook_names}
-    stop, n_kept = _stop_layer(rm, hook_names), 0
+    stop, n_kept = stop_layer(rm, hook_names), 0
     bar = tqdm(total=_n_sequences(data), desc="collecting activations", unit="seq", disable=not progress)
     for batch in _token_batches(rm, data, batch_size=batch_size, truncate=truncate):
         batch = batch.to(rm.cfg.device)
@@ -336,20 +330,6 @@ def _flat(hook_name: str, act: Tensor) -> Tensor:
         raise ValueError(f"cannot train an SAE at {hook_name}: its activation has shape {tuple(act.shape)}, "
                          "not [batch, pos, d] (nor attn.hook_z)")
     return act
-
-
-def _stop_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
-    """One past the last block any hook needs; None (run everything) for hooks after the blocks."""
-    layers = []
-    for name in hook_names:
-        if name.startswith("blocks."):
-            layers.append(int(name.split(".")[1]))
-        elif name.startswith("hook_"):  # the embeddings, before block 0
-            layers.append(-1)
-        else:
-            return None
-    last = max(layers) + 1
-    return None if last >= rm.cfg.n_layers else last
 
 
 def _n_sequences(data: Sequence[str] | Sequence[PreferencePair] | TokenBatch) -> int:
