@@ -28,6 +28,8 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/forward_overhead.py
+	$(PY) benchmarks/attribution_cost.py
+	$(PY) benchmarks/attribution_fidelity.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -17,10 +17,11 @@ float32 on CPU:
 5. Optionally (``--variants``) time TransformerLens config options and calling patterns that
    might change the speed, against the same HF baseline.
 
-How to read it: ``ratio = pm_lens / HF``; the target is a ratio <= 1.25. Absolute seconds on
-a shared 2-core machine are noisy; the ratios, measured side by side, are what to compare.
-In the profile tables ``extra ms`` is pm_lens minus HF per forward, so the rows at the top
-are where pm_lens loses time.
+How to read it: ``ratio`` is pm_lens / HF, the median over back-to-back pairs of runs; the
+target is a ratio <= 1.25. Absolute seconds on a shared 2-core machine are noisy (the load
+average is printed at the start and the end); the ratios are what to compare. In the profile
+tables ``extra ms`` is pm_lens minus HF per forward, so the rows at the top are where pm_lens
+loses time; a ``copy_`` of a weight-shaped tensor is a weight re-laid-out on every forward.
 
 Run ``python benchmarks/forward_overhead.py --help`` for options; ``--quick`` smoke-tests the
 script on a tiny model in seconds.
@@ -52,7 +53,7 @@ from pm_lens.testing import tiny_hf_reward_model  # noqa: E402
 ARCHITECTURE = "LlamaForSequenceClassification"
 TARGET_RATIO = 1.25
 
-# SmolLM2-135M's shape (see docs in /work/shared/NOTES.md); untied embeddings, random weights.
+# SmolLM2-135M's shape (its real weights tie the embeddings; untied here, which changes nothing timed).
 SMOLLM2_CONFIG = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=2048,
@@ -147,8 +148,8 @@ def forward_backward(model: torch.nn.Module, reward_fn: Callable, batch: Batch) 
     return run
 
 
-def interleaved_medians(runs: dict[str, Callable[[], float]], *, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each run, calling them in turn (a, b, a, b, ...) after ``warmup`` rounds."""
+def interleaved_times(runs: dict[str, Callable[[], float]], *, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each run, calling them in turn (a, b, a, b, ...) after ``warmup`` rounds."""
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -156,7 +157,18 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], *, repeats: int, w
     for _ in range(repeats):
         for name, run in runs.items():
             times[name].append(run())
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired_summary(baseline: list[float], candidate: list[float]) -> dict[str, float]:
+    """Median seconds of each, and the median of the ratios of runs made back to back.
+
+    Load from other processes changes over seconds, so the ratio of neighbouring runs is
+    steadier than the ratio of the two medians.
+    """
+    ratios = [c / b for b, c in zip(baseline, candidate)]
+    return {"baseline": statistics.median(baseline), "candidate": statistics.median(candidate),
+            "ratio": statistics.median(ratios)}
 
 
 def time_table(models: Models, batches: list[Batch], *, repeats: int, warmup: int) -> pd.DataFrame:
@@ -170,11 +182,12 @@ def time_table(models: Models, batches: list[Batch], *, repeats: int, warmup: in
                 "HF": make_run(models.hf, hf_reward, batch),
                 "pm_lens": make_run(models.rm, tl_reward, batch),
             }
-            medians = interleaved_medians(runs, repeats=repeats, warmup=warmup)
+            times = interleaved_times(runs, repeats=repeats, warmup=warmup)
+            summary = paired_summary(times["HF"], times["pm_lens"])
             diff, scale = diffs[batch.name]
             rows.append({
-                "pass": mode, "input": batch.name, "HF s": medians["HF"], "pm_lens s": medians["pm_lens"],
-                "ratio": medians["pm_lens"] / medians["HF"], "max |dreward|": diff, "max |reward|": scale,
+                "pass": mode, "input": batch.name, "HF s": summary["baseline"], "pm_lens s": summary["candidate"],
+                "ratio": summary["ratio"], "max |dreward|": diff, "max |reward|": scale,
             })
     for model in (models.hf, models.rm):
         model.zero_grad(set_to_none=True)  # free the gradients before profiling
@@ -320,7 +333,11 @@ def component_comparison(models: Models, batch: Batch, *, repeats: int) -> pd.Da
 
 
 def rm_with_cfg(rm: RewardModel, **cfg_overrides: object) -> RewardModel:
-    """A copy of ``rm`` whose HookedTransformerConfig has ``cfg_overrides`` (same weights)."""
+    """A copy of ``rm`` whose HookedTransformerConfig has ``cfg_overrides`` (same weights).
+
+    Built afresh rather than with ``copy.deepcopy``: SAELens wraps each MLP's forward in a
+    lambda that closes over the original module, so a deep copy would still run the original MLPs.
+    """
     cfg = HookedTransformerConfig(**(rm.cfg.to_dict() | cfg_overrides))
     variant = RewardModel(cfg, move_to_device=True)
     variant.load_state_dict(rm.state_dict())
@@ -343,14 +360,37 @@ def variant_table(models: Models, batch: Batch, *, repeats: int, warmup: int) ->
     }
     rows = []
     for name, run in candidates.items():
-        medians = interleaved_medians({"HF": forward_only(models.hf, hf_reward, batch), name: run},
-                                      repeats=repeats, warmup=warmup)
-        rows.append({"variant": name, "HF s": medians["HF"], "variant s": medians[name],
-                     "ratio to HF": medians[name] / medians["HF"]})
+        times = interleaved_times({"HF": forward_only(models.hf, hf_reward, batch), name: run},
+                                  repeats=repeats, warmup=warmup)
+        summary = paired_summary(times["HF"], times[name])
+        rows.append({"variant": name, "HF s": summary["baseline"], "variant s": summary["candidate"],
+                     "ratio to HF": summary["ratio"]})
     return pd.DataFrame(rows).set_index("variant")
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def print_profile(models: Models, batch: Batch, *, repeats: int, top: int) -> None:
+    print(f"\nWhere the time goes: one forward (no_grad, '{batch.name}' batch)")
+    print("\nComponents (forward hooks, median of runs; 'rest' = residual adds, masks, hooks, pooling):")
+    print(component_comparison(models, batch, repeats=repeats).to_string())
+    hf_events = profile_forward(lambda: hf_reward(models.hf, batch))
+    tl_events = profile_forward(lambda: tl_reward(models.rm, batch))
+    print("\nOps (torch.profiler, self CPU ms of one forward; sorted by pm_lens's extra ms over HF):")
+    print(op_comparison(hf_events, tl_events, top=top).to_string())
+    print("\npm_lens's most expensive ops other than matmuls, by input shape (same profile):")
+    print(non_matmul_ops_by_shape(tl_events, models.rm, batch, top=top).to_string())
+    print("\nHF's, for comparison:")
+    print(non_matmul_ops_by_shape(hf_events, models.hf, batch, top=top // 2).to_string())
+
+
+def load_note() -> str:
+    """The 1-minute load average: above the CPU count, other processes slowed the timings."""
+    load = os.getloadavg()[0]
+    busy = (" (busy machine: other processes compete for the cores and can slow multi-threaded torch"
+            " several-fold; ratios are less reliable, --threads 1 suffers least)") if load > 0.75 * os.cpu_count() else ""
+    return f"load average {load:.1f}{busy}"
 
 
 def parse_args() -> argparse.Namespace:
@@ -383,8 +423,8 @@ def main() -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.float_format", lambda x: f"{x:.4g}")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"repeats {args.repeats} (median), warm-up {args.warmup}, interleaved HF / pm_lens")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs; "
+          f"repeats {args.repeats} (median), warm-up {args.warmup}, interleaved HF / pm_lens; {load_note()}")
     start = time.perf_counter()
     models = build_models(config, seed=args.seed)
     n_params = sum(p.numel() for p in models.hf.parameters())
@@ -404,23 +444,11 @@ def main() -> None:
           f"{table.loc[table['ratio'].idxmax(), 'input']})")
 
     if not args.no_profile:
-        full = batches[0]
-        print(f"\nWhere the time goes: one forward (no_grad, '{full.name}' batch)")
-        print("\nComponents (forward hooks, median of runs; 'rest' = residual adds, masks, hooks, pooling):")
-        print(component_comparison(models, full, repeats=args.repeats).to_string())
-        hf_events = profile_forward(lambda: hf_reward(models.hf, full))
-        tl_events = profile_forward(lambda: tl_reward(models.rm, full))
-        print("\nOps (torch.profiler, self CPU ms of one forward; sorted by pm_lens's extra ms over HF):")
-        print(op_comparison(hf_events, tl_events, top=args.top).to_string())
-        print("\npm_lens's most expensive ops other than matmuls, by input shape (same profile):")
-        print(non_matmul_ops_by_shape(tl_events, models.rm, full, top=args.top).to_string())
-        print("\nHF's, for comparison:")
-        print(non_matmul_ops_by_shape(hf_events, models.hf, full, top=args.top // 2).to_string())
-
+        print_profile(models, batches[0], repeats=args.repeats, top=args.top)
     if args.variants:
         print(f"\nVariants (forward, no_grad, '{batches[0].name}' batch; each interleaved with HF SDPA):")
         print(variant_table(models, batches[0], repeats=args.repeats, warmup=args.warmup).to_string())
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s; {load_note()}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Loading (``from_hf``):
 3. convert the body's weights with TransformerLens's converter and put the classifier's
    ``score`` weight (and bias, if any) in the unembedding;
 4. refuse non-finite weights, then fold and centre what keeps parity (never the head);
-5. record the processing in :attr:`RewardModel.processing`.
+5. store weights in the layout TransformerLens's forward reads (no per-forward copies);
+6. record the processing in :attr:`RewardModel.processing`.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class RewardModel(HookedSAETransformer):
             fold_value_biases=fold_value_biases and spec.processing["fold_value_biases"],
         )
         model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **processing.as_dict())
+        _store_as_forward_reads(model)
         model.processing = processing
         model.hf_architecture = architecture
         model.pad_token_id = hf_config.pad_token_id
@@ -234,6 +236,32 @@ class RewardModel(HookedSAETransformer):
         if bad:
             raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
         return rewards
+
+
+def _store_as_forward_reads(model: HookedSAETransformer) -> None:
+    """Store weights in the memory layout TransformerLens's forward reads them in.
+
+    TL transposes the gated-MLP weights, flattens ``W_O`` and reshapes ``W_Q/W_K/W_V`` on every
+    forward and makes the result contiguous: ~200 ms per forward of a SmolLM2-sized model, most
+    of pm_lens's overhead against Hugging Face (benchmarks/forward_overhead.py). Keeping the
+    parameters in that layout (same values, other strides) makes those copies no-ops. A
+    non-contiguous parameter cannot be written by ``safetensors`` as is: call ``.contiguous()``.
+    """
+    with torch.no_grad():
+        for block in model.blocks:
+            if type(block.mlp).__name__ == "GatedMLP":
+                for name in ("W_gate", "W_in", "W_out"):
+                    param = getattr(block.mlp, name)
+                    param.data = param.data.T.contiguous().T
+            attn = block.attn
+            n_heads, d_head, d_model = attn.W_O.shape
+            attn.W_O.data = attn.W_O.data.reshape(n_heads * d_head, d_model).T.contiguous().T.reshape(
+                n_heads, d_head, d_model
+            )
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):
+                param = attn._parameters.get(name)
+                if param is not None:
+                    param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransformerConfig) -> dict[str, Tensor]:

@@ -121,3 +121,14 @@ def test_from_pretrained_reads_a_local_directory_offline(tmp_path, tokenizer):
     assert (rm.reward(tokens, mask) - hf_rewards_one_by_one(hf_model, tokenizer)).abs().max() <= 1e-4
     with pytest.raises(OSError, match="cannot load a reward model from '.*missing'"):
         RewardModel.from_pretrained(tmp_path / "missing")
+
+
+def test_weights_are_stored_as_the_forward_reads_them(tokenizer):
+    """No per-forward weight copies (see benchmarks/forward_overhead.py): the gated MLP weights are
+    stored transposed, W_O flattened and Q/K/V per head transposed, with the same values."""
+    rm = RewardModel.from_hf(tiny_hf_reward_model(), tokenizer)
+    mlp, attn = rm.blocks[0].mlp, rm.blocks[0].attn
+    assert all(getattr(mlp, n).T.is_contiguous() for n in ("W_gate", "W_in", "W_out"))
+    n_heads, d_head, d_model = attn.W_O.shape
+    assert attn.W_O.reshape(n_heads * d_head, d_model).T.is_contiguous()
+    assert attn.W_Q.transpose(1, 2).is_contiguous() and attn._W_K.transpose(1, 2).is_contiguous()
