@@ -37,3 +37,18 @@ def test_planted_attributes_move_reward_in_their_direction(demo_pm):
         margins = score_pairs(demo_pm, pairs, progress=False).margin
         # chosen is the planted-preferred side, so a positive margin is the planted direction
         assert (margins > 0).mean() >= 0.75, (attribute, margins.tolist())
+
+
+def test_shipped_demo_saes_fit_the_demo_pm(demo_pm):
+    from pm_lens.demo_pm import DEMO_PM_FILE
+    from pm_lens.saes import load_sae, saes_attached
+
+    folder = DEMO_PM_FILE.parent / "demo_saes"
+    hooks = ["blocks.8.hook_resid_post", "blocks.15.hook_resid_post", "blocks.22.hook_resid_post"]
+    saes = [load_sae(folder / hook) for hook in hooks]
+    assert [sae.cfg.metadata.hook_name for sae in saes] == hooks
+    pairs = make_planted(seed=0).test[:2]
+    bare = score_pairs(demo_pm, pairs, progress=False)
+    with saes_attached(demo_pm, saes):
+        spliced = score_pairs(demo_pm, pairs, progress=False)
+    assert (bare.chosen_reward - spliced.chosen_reward).abs().max() <= 1e-3
