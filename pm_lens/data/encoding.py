@@ -41,6 +41,17 @@ class TokenBatch:
     def to(self, device: str | torch.device) -> "TokenBatch":
         return TokenBatch(self.tokens.to(device), self.attention_mask.to(device), self.completion_start.to(device))
 
+    def kept(self, *, exclude_first: bool = False, exclude_token_ids: Sequence[int] = ()) -> Tensor:
+        """``[batch, pos]`` bool: real tokens, less each row's first one (``exclude_first``, left or
+        right padding) and tokens in ``exclude_token_ids``."""
+        keep = self.attention_mask != 0
+        if exclude_first:
+            first = keep.int().argmax(dim=-1)
+            keep[torch.arange(keep.shape[0], device=keep.device), first] = False
+        if exclude_token_ids:
+            keep &= ~torch.isin(self.tokens, torch.tensor(list(exclude_token_ids), device=self.tokens.device))
+        return keep
+
 
 @dataclass(frozen=True)
 class PairBatch:
@@ -107,12 +118,7 @@ def encode_completions(
     rows, starts, cut = [], [], 0
     for index, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids, start = _encode_one(tokenizer, prompt, completion)
-        if len(ids) > max_len:
-            if not truncate:
-                raise ValueError(
-                    f"text {index} is {len(ids)} tokens, longer than the context max_len={max_len}; "
-                    "shorten it or pass truncate=True to cut the start of the prompt"
-                )
+        if _too_long(ids, max_len, truncate, index, "the start of the prompt"):
             ids, start, cut = ids[-max_len:], max(0, start - (len(ids) - max_len)), cut + 1
         rows.append(ids)
         starts.append(start)
@@ -144,17 +150,24 @@ def encode_texts(
         ids = list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
         if not ids:
             raise ValueError(f"the tokenizer produced no tokens for text {index} ({text[:60]!r})")
-        if len(ids) > max_len:
-            if not truncate:
-                raise ValueError(
-                    f"text {index} is {len(ids)} tokens, longer than the context max_len={max_len}; "
-                    "shorten it or pass truncate=True to cut its start"
-                )
+        if _too_long(ids, max_len, truncate, index, "its start"):
             ids, cut = ids[-max_len:], cut + 1
         rows.append(ids)
     if cut:
         warnings.warn(f"truncated {cut} of {len(rows)} texts to the context of {max_len} tokens", stacklevel=2)
     return _pad(rows, [0] * len(rows), pad_token_id(tokenizer), padding_side)
+
+
+def _too_long(ids: list[int], max_len: int, truncate: bool, index: int, what_is_cut: str) -> bool:
+    """Whether text ``index`` must be cut to ``max_len``; a ValueError if it may not be."""
+    if len(ids) <= max_len:
+        return False
+    if not truncate:
+        raise ValueError(
+            f"text {index} is {len(ids)} tokens, longer than the context max_len={max_len}; "
+            f"shorten it or pass truncate=True to cut {what_is_cut}"
+        )
+    return True
 
 
 def encode_pairs(

@@ -118,7 +118,7 @@ def evaluate_sae(
             side = side.to(rm.cfg.device)
             clean = _cache_and_reward(rm, side, names)
             rewards["clean"][side_name].append(clean.pop("reward"))
-            keep = _kept_tokens(side, exclude_token_ids)
+            keep = side.kept(exclude_token_ids=exclude_token_ids)
             for name, sae in zip(names, saes):
                 x = clean[name][keep]
                 feature_acts = sae.encode(x)
@@ -138,13 +138,6 @@ def _cache_and_reward(rm: RewardModel, side: TokenBatch, names: list[str]) -> di
     with rm.hooks(fwd_hooks=[(name, keep) for name in names]):
         cached["reward"] = rm.reward(side.tokens, side.attention_mask).float().cpu()
     return cached
-
-
-def _kept_tokens(side: TokenBatch, exclude_token_ids: Sequence[int]) -> Tensor:
-    keep = side.attention_mask.bool()
-    if exclude_token_ids:
-        keep &= ~torch.isin(side.tokens, torch.tensor(list(exclude_token_ids), device=side.tokens.device))
-    return keep
 
 
 def _tables(rewards: dict[str, dict[str, list[Tensor]]], stats: dict[str, _TokenStats], d_sae: dict[str, int]) -> SAEEvaluation:

@@ -299,7 +299,7 @@ def collect_activations(
         batch = batch.to(rm.cfg.device)
         _, cache = rm.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
                                      names_filter=list(hook_names), stop_at_layer=stop)
-        keep = _kept_tokens(batch, exclude_first=exclude_first, exclude_token_ids=exclude_token_ids)
+        keep = batch.kept(exclude_first=exclude_first, exclude_token_ids=exclude_token_ids)
         room = None if max_tokens is None else max_tokens - n_kept
         for name in hook_names:
             chunks[name].append(_flat(name, cache[name])[keep][:room].float())
@@ -311,16 +311,6 @@ def collect_activations(
     if n_kept == 0:
         raise ValueError("no tokens to train on: the data is empty or every token was excluded")
     return {name: torch.cat(parts) for name, parts in chunks.items()}
-
-
-def _kept_tokens(batch: TokenBatch, *, exclude_first: bool, exclude_token_ids: Sequence[int]) -> Tensor:
-    keep = batch.attention_mask != 0  # a new tensor: the caller's mask is not modified
-    if exclude_first:
-        first = keep.int().argmax(dim=-1)  # the first attended position, for left or right padding
-        keep[torch.arange(keep.shape[0], device=keep.device), first] = False
-    if exclude_token_ids:
-        keep &= ~torch.isin(batch.tokens, torch.tensor(list(exclude_token_ids), device=batch.tokens.device))
-    return keep
 
 
 def _flat(hook_name: str, act: Tensor) -> Tensor:

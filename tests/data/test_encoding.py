@@ -1,7 +1,6 @@
 """Formatting and encoding: padding, completion positions, chat templates and bad input."""
 
 import pytest
-import torch
 
 from pm_lens.data import PreferencePair, encode_completions, encode_pairs, format_text
 from pm_lens.testing import char_tokenizer
