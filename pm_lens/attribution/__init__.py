@@ -7,3 +7,4 @@ from pm_lens.attribution.ablate import ablate as ablate
 from pm_lens.attribution.fidelity import FidelityCard as FidelityCard
 from pm_lens.attribution.fidelity import check_fidelity as check_fidelity
 from pm_lens.attribution.fidelity import fidelity as fidelity
+from pm_lens.attribution.recovery import recover as recover

@@ -3,8 +3,12 @@
 Removing feature ``i`` at a hook moves the activation by ``(baseline[i] - acts[i]) * W_dec[i]`` at
 the selected positions while the error node (and every other feature) at that hook is held at its
 clean value; the rest of the model runs as it is (an SAE with its error term is the identity).
-The error node itself can be removed too (set to zero). Joint ablation adds the deltas of a whole
-set of nodes, each computed from the clean run.
+The error node itself can be removed too (set to zero). Joint ablation removes a whole set of
+nodes in one run: at one hook that adds their deltas computed from the clean run; across hooks,
+each hook (in forward order) re-encodes the activation as it arrives, after the earlier hooks'
+removals, and removes its nodes from that, so a feature that an earlier removal already weakened
+is not removed twice. (``features="all"``, the completeness check, adds clean-run deltas at every
+hook: the quantity the sum of all attributions linearises.)
 
 Batched (the default), per batch of pairs and side:
 1. one clean run reads the reward, each SAE hook's activation and the residual stream entering
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pm_lens.attribution.attribute import BASELINES, feature_baselines
 from pm_lens.attribution.batching import pair_batches
-from pm_lens.attribution.formulas import error_delta, feature_delta, removal_delta
+from pm_lens.attribution.formulas import error_delta, feature_delta, features_delta, removal_delta, target_of
 from pm_lens.attribution.nodes import Nodes, hook_layer, plain_model, read_nodes, resolve_saes, run_with_deltas
 from pm_lens.attribution.positions import check_positions, pair_masks
 from pm_lens.data import PreferencePair, TokenBatch
@@ -54,22 +58,28 @@ class Ablation:
             for a joint ablation, the single entry ``("joint", n)`` or ``("all", n)``.
         chosen, rejected: ``[n_pairs, n_nodes]`` change of r(chosen) and r(rejected).
         settings: mode, positions, skip_first, jointly.
+        clean_chosen, clean_rejected: ``[n_pairs]`` r(chosen) and r(rejected) with nothing removed.
     """
 
     nodes: list[Node]
     chosen: Tensor
     rejected: Tensor
     settings: dict[str, Any]
+    clean_chosen: Tensor
+    clean_rejected: Tensor
+
+    @property
+    def clean_margin(self) -> Tensor:
+        """``[n_pairs]`` r(chosen) - r(rejected) with nothing removed."""
+        return self.clean_chosen - self.clean_rejected
 
     @property
     def margin(self) -> Tensor:
         return self.chosen - self.rejected
 
     def effects(self, target: str) -> Tensor:
-        """``[n_pairs, n_nodes]`` change of ``target`` ("chosen", "rejected" or "margin")."""
-        if target not in ("chosen", "rejected", "margin"):
-            raise ValueError(f"target must be 'chosen', 'rejected' or 'margin', got {target!r}")
-        return getattr(self, target)
+        """``[n_pairs, n_nodes]`` change of ``target`` ("chosen", "rejected", "margin" or "sum")."""
+        return target_of(self.chosen, self.rejected, target)
 
     def table(self, target: str = "margin") -> pd.DataFrame:
         effects = self.effects(target)
@@ -125,6 +135,7 @@ def ablate(
         else:
             baselines = {n: baselines[n].to(sae.W_dec.device, sae.W_dec.dtype) for n, sae in by_hook.items()}
         columns: dict[str, list[Tensor]] = {"chosen": [], "rejected": []}
+        clean: dict[str, list[Tensor]] = {"chosen": [], "rejected": []}
         batches = pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate)
         for batch in tqdm(batches, desc="ablating", disable=not progress or len(batches) < 2):
             for side_name, side, mask in zip(("chosen", "rejected"), (batch.chosen, batch.rejected),
@@ -137,9 +148,12 @@ def ablate(
                 else:
                     result = runner.each(nodes, batched=batched, budget=batch_tokens)
                 columns[side_name].append(result)
+                clean[side_name].append(runner.clean)
     out_nodes = [(ALL, len(nodes))] if features == ALL else [("joint", len(nodes))] if jointly else nodes
     return Ablation(nodes=out_nodes, chosen=torch.cat(columns["chosen"]).float().cpu(),
-                    rejected=torch.cat(columns["rejected"]).float().cpu(), settings=settings)
+                    rejected=torch.cat(columns["rejected"]).float().cpu(), settings=settings,
+                    clean_chosen=torch.cat(clean["chosen"]).float().cpu(),
+                    clean_rejected=torch.cat(clean["rejected"]).float().cpu())
 
 
 def _check_nodes(features: Sequence[tuple[str, int]] | str, saes: dict[str, SAE]) -> list[Node]:
@@ -226,10 +240,29 @@ class _SideRunner:
                                rows=rows)[0]
 
     def joint(self, nodes: list[Node]) -> Tensor:
-        deltas: dict[str, Tensor] = {}
-        for node in nodes:
-            deltas[node[0]] = deltas.get(node[0], 0) + self.delta(node)
+        by_hook: dict[str, list[int]] = defaultdict(list)
+        for hook, index in nodes:
+            by_hook[hook].append(index)
+        if len(by_hook) == 1:
+            hook = next(iter(by_hook))
+            deltas: dict[str, Any] = {hook: sum(self.delta((hook, index)) for index in sorted(set(by_hook[hook])))}
+        else:
+            deltas = {hook: self._live_removal(hook, indices) for hook, indices in by_hook.items()}
         return (run_with_deltas(self.rm, self.side, [], deltas=deltas)[0] - self.clean)[:, None]
+
+    def _live_removal(self, hook: str, indices: list[int]) -> Any:
+        """The delta that removes ``indices`` from the activation as it arrives at ``hook``."""
+        sae, baseline, mask = self.saes[hook], self.baselines[hook], self.mask
+        features = torch.tensor(sorted({i for i in indices if i != ERROR}), dtype=torch.long, device=mask.device)
+
+        def removal(x: Tensor) -> Tensor:
+            acts = sae.encode(x)
+            delta = features_delta(acts[..., features], baseline[features], sae.W_dec[features], mask)
+            if ERROR in indices:
+                delta = delta + error_delta(x - sae.decode(acts), mask)
+            return delta
+
+        return removal
 
     def joint_all(self) -> Tensor:
         with torch.no_grad():

@@ -22,7 +22,7 @@ Sums over all nodes of all hooks are kept per pair for the completeness check of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,13 +33,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pm_lens.attribution.batching import pair_batches
-from pm_lens.attribution.formulas import node_effects, removal_delta
+from pm_lens.attribution.formulas import TARGETS, node_effects, removal_delta, target_of
 from pm_lens.attribution.nodes import plain_model, read_nodes, resolve_saes, run_with_deltas
 from pm_lens.attribution.positions import check_positions, pair_masks
 from pm_lens.data import PreferencePair, TokenBatch
 from pm_lens.model import RewardModel
 
-TARGETS = ("chosen", "rejected", "margin")
 METHODS = ("atp", "ig")
 BASELINES = ("zero", "mean")
 
@@ -59,6 +58,9 @@ class Attribution:
         baselines: per hook, ``[d_sae]`` the value each feature is removed to.
         settings: method, target, baseline, positions, ig_steps, skip_first, hook names.
         pairs, saes: what was attributed (so the result can be checked by ablation).
+        sides: ``{"chosen": ..., "rejected": ...}``, each ``{"features": {hook: [n_pairs, d_sae]},
+            "errors": {hook: [n_pairs]}}``: the effects on each side's reward, from which
+            :meth:`retarget` recombines any target without running the model again.
     """
 
     effects: dict[str, Tensor]
@@ -69,14 +71,25 @@ class Attribution:
     settings: dict[str, Any]
     pairs: Sequence[PreferencePair] = field(repr=False)
     saes: dict[str, SAE] = field(repr=False, default_factory=dict)
+    sides: dict[str, dict[str, dict[str, Tensor]]] = field(repr=False, default_factory=dict)
+
+    def retarget(self, target: str) -> Attribution:
+        """The same attribution for another target ("chosen", "rejected", "margin" or "sum"),
+        combined from the per-side effects (no model run)."""
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
+        chosen, rejected = self.sides["chosen"], self.sides["rejected"]
+        effects = {n: target_of(chosen["features"][n], rejected["features"][n], target) for n in self.effects}
+        errors = {n: target_of(chosen["errors"][n], rejected["errors"][n], target) for n in self.effects}
+        total = sum(_dense(effects[n]).sum(-1) + errors[n] for n in self.effects)
+        return replace(self, effects=effects, error_effects=errors, total=total, settings={**self.settings, "target": target})
 
     @property
     def n_pairs(self) -> int:
         return len(self.total)
 
     def dense_effects(self, hook_name: str) -> Tensor:
-        effects = self.effects[hook_name]
-        return effects.to_dense() if effects.is_sparse else effects
+        return _dense(self.effects[hook_name])
 
     def ranking(self) -> pd.DataFrame:
         """One row per feature that fires on some pair, and one per error node, sorted by
@@ -142,7 +155,9 @@ def attribute(
 
     Args:
         saes: the SAEs (default: those attached to ``rm``).
-        target: ``"chosen"``, ``"rejected"`` or ``"margin"`` (r(chosen) - r(rejected)).
+        target: ``"chosen"``, ``"rejected"``, ``"margin"`` (r(chosen) - r(rejected)) or ``"sum"``
+            (r(chosen) + r(rejected): a feature's effect on reward wherever it fires). The
+            result keeps both sides; ``Attribution.retarget`` switches target for free.
         method: ``"atp"`` (gradient x (baseline - activation), one forward and backward per
             batch and side) or ``"ig"`` (integrated gradients with ``ig_steps`` steps).
         baseline: ``"zero"`` or ``"mean"`` (each feature's mean activation over the selected
@@ -166,12 +181,12 @@ def attribute(
             masks = pair_masks(batch, positions, skip_first=skip_first)
             sides = [_side_effects(rm, side, mask, by_hook, baselines, method, ig_steps)
                      for side, mask in zip((batch.chosen, batch.rejected), masks)]
-            parts.append(_combine(sides, target))
+            parts.append(sides)
     return _assemble(parts, baselines, settings, pairs, by_hook, sparse=baseline == "zero")
 
 
 def _check_args(target: str, method: str, baseline: str, positions: str, ig_steps: int) -> None:
-    for name, value, allowed in (("target", target, TARGETS), ("method", method, METHODS), ("baseline", baseline, BASELINES)):
+    for name, value, allowed in (("target", target, tuple(TARGETS)), ("method", method, METHODS), ("baseline", baseline, BASELINES)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     check_positions(positions)
@@ -240,30 +255,29 @@ def _side_effects(
     return out
 
 
-def _combine(sides: list[dict[str, Any]], target: str) -> dict[str, Any]:
-    chosen, rejected = sides
-    sign = {"chosen": (1, 0), "rejected": (0, 1), "margin": (1, -1)}[target]
-    return {
-        key: {n: sign[0] * chosen[key][n] + sign[1] * rejected[key][n] for n in chosen[key]}
-        if key != "active" else {n: chosen["active"][n] | rejected["active"][n] for n in chosen["active"]}
-        for key in ("features", "errors", "active")
-    }
-
-
-def _assemble(parts: list[dict[str, Any]], baselines: dict[str, Tensor], settings: dict[str, Any],
+def _assemble(parts: list[list[dict[str, Any]]], baselines: dict[str, Tensor], settings: dict[str, Any],
               pairs: Sequence[PreferencePair], saes: dict[str, SAE], *, sparse: bool) -> Attribution:
+    """Concatenate the batches' per-side effects and combine them into the target."""
     names = list(baselines)
-    effects = {n: torch.cat([p["features"][n] for p in parts]).float().cpu() for n in names}
-    errors = {n: torch.cat([p["errors"][n] for p in parts]).float().cpu() for n in names}
-    active = {n: torch.cat([p["active"][n] for p in parts]).cpu() for n in names}
-    total = sum(effects[n].sum(-1) + errors[n] for n in names)
-    return Attribution(
-        effects={n: e.to_sparse() if sparse else e for n, e in effects.items()},
-        error_effects=errors,
-        active={n: a.to_sparse() for n, a in active.items()},
-        total=total,
-        baselines={n: b.float().cpu() for n, b in baselines.items()},
-        settings=settings,
-        pairs=list(pairs),
-        saes=dict(saes),
+
+    def gather(side: int, key: str) -> dict[str, Tensor]:
+        return {n: torch.cat([p[side][key][n] for p in parts]).float().cpu() for n in names}
+
+    sides = {}
+    for side, side_name in enumerate(("chosen", "rejected")):
+        features = gather(side, "features")
+        sides[side_name] = {"features": {n: f.to_sparse() if sparse else f for n, f in features.items()},
+                            "errors": gather(side, "errors")}
+    active = {n: (torch.cat([p[0]["active"][n] for p in parts]) | torch.cat([p[1]["active"][n] for p in parts])).cpu()
+              for n in names}
+    empty = {n: torch.zeros(0) for n in names}
+    attribution = Attribution(
+        effects=empty, error_effects=empty, active={n: a.to_sparse() for n, a in active.items()}, total=torch.zeros(0),
+        baselines={n: b.float().cpu() for n, b in baselines.items()}, settings=settings, pairs=list(pairs),
+        saes=dict(saes), sides=sides,
     )
+    return attribution.retarget(settings["target"])
+
+
+def _dense(effects: Tensor) -> Tensor:
+    return effects.to_dense() if effects.is_sparse else effects

@@ -149,18 +149,30 @@ def check_fidelity(
 ) -> FidelityCard:
     """Ablate ``attribution``'s top ``top_k`` features and ``n_random`` other active ones (drawn
     with ``seed``), and every node at once for completeness; return the :class:`FidelityCard`."""
+    common = dict(saes=saes or list(attribution.saes.values()), batch_tokens=batch_tokens, progress=progress)
+    exact = ablate_like(rm, attribution, fidelity_sample(attribution, top_k=top_k, n_random=n_random, seed=seed), **common)
+    everything = ablate_like(rm, attribution, ALL, **common)
+    return fidelity(attribution, exact, top_k=top_k, k=k, completeness=everything)
+
+
+def fidelity_sample(attribution: Attribution, *, top_k: int = 50, n_random: int = 50, seed: int = 0) -> list[tuple[str, int]]:
+    """The features a fidelity check ablates: the top ``top_k`` by estimated |effect|, then
+    ``n_random`` of the other active features drawn with ``seed``."""
     ranking = attribution.ranking()
     features = ranking[ranking.node == "feature"]
     top = list(zip(features.hook_name[:top_k], features.feature[:top_k].astype(int)))
     rest = list(zip(features.hook_name[top_k:], features.feature[top_k:].astype(int)))
     generator = torch.Generator().manual_seed(seed)
-    sample = [rest[i] for i in torch.randperm(len(rest), generator=generator)[:n_random].tolist()]
+    return top + [rest[i] for i in torch.randperm(len(rest), generator=generator)[:n_random].tolist()]
+
+
+def ablate_like(rm: RewardModel, attribution: Attribution, features: Any, **kwargs: Any) -> Ablation:
+    """Exact ablation of ``features`` on the attribution's pairs with its settings (baselines,
+    positions, first token), so its effects are what the attribution estimated."""
     s = attribution.settings
-    common = dict(saes=saes or list(attribution.saes.values()), mode=s["baseline"], positions=s["positions"], skip_first=s["skip_first"],
-                  batch_tokens=batch_tokens, progress=progress, baselines=attribution.baselines)
-    exact = ablate(rm, attribution.pairs, features=top + sample, **common)
-    everything = ablate(rm, attribution.pairs, features=ALL, **common)
-    return fidelity(attribution, exact, top_k=top_k, k=k, completeness=everything)
+    kwargs.setdefault("saes", list(attribution.saes.values()))
+    return ablate(rm, attribution.pairs, features=features, mode=s["baseline"], positions=s["positions"],
+                  skip_first=s["skip_first"], baselines=attribution.baselines, **kwargs)
 
 
 def _mean_effect(attribution: Attribution, node: tuple[str, int]) -> float:

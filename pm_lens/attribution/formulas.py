@@ -15,6 +15,18 @@ from __future__ import annotations
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+# What is attributed, as weights of (r(chosen), r(rejected)): "sum" is a feature's effect on the
+# reward of every completion it fires in, whichever side that is.
+TARGETS = {"chosen": (1, 0), "rejected": (0, 1), "margin": (1, -1), "sum": (1, 1)}
+
+
+def target_of(chosen: Tensor, rejected: Tensor, target: str) -> Tensor:
+    """Combine per-side values into ``target`` (a key of :data:`TARGETS`)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {tuple(TARGETS)}, got {target!r}")
+    weight_chosen, weight_rejected = TARGETS[target]
+    return weight_chosen * chosen + weight_rejected * rejected
+
 
 def node_effects(
     grad: Float[Tensor, "batch pos d_in"],
@@ -57,6 +69,17 @@ def feature_delta(
     """The change of the activation when one feature (decoder row ``direction``) is moved from
     ``acts`` to ``baseline`` at the positions in ``mask``."""
     return ((baseline - acts) * mask)[..., None] * direction
+
+
+def features_delta(
+    acts: Float[Tensor, "batch pos n"],
+    baseline: Float[Tensor, " n"],
+    W_dec: Float[Tensor, "n d_in"],
+    mask: Bool[Tensor, "batch pos"],
+) -> Float[Tensor, "batch pos d_in"]:
+    """The change of the activation when ``n`` features (their activations, baselines and decoder
+    rows) are moved to their baselines together at the positions in ``mask``."""
+    return ((baseline - acts) * mask[..., None]) @ W_dec
 
 
 def error_delta(error: Float[Tensor, "batch pos d_in"], mask: Bool[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_in"]:

@@ -10,7 +10,7 @@ hooks through the model itself (each hook is the identity for the gradient, as i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,13 +92,16 @@ def run_with_deltas(
     batch: TokenBatch,
     hook_names: Sequence[str],
     *,
-    deltas: Mapping[str, Tensor] | None = None,
+    deltas: Mapping[str, Tensor | Callable[[Tensor], Tensor]] | None = None,
     with_grad: bool = False,
     residual: Tensor | None = None,
     start_at_layer: int | None = None,
     rows: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Run the reward model, adding ``deltas[hook]`` to the activation at each hook.
+
+    A delta is a tensor, or a function of the activation as it arrives in this run (for removals
+    that depend on what earlier hooks changed).
 
     Returns the rewards ``[batch]``, the activation at every hook in ``hook_names`` (after its
     delta), and, with ``with_grad``, d(sum of rewards)/d(hook output) for each hook. With
@@ -111,7 +114,8 @@ def run_with_deltas(
 
     def hook_fn(act: Tensor, hook) -> Tensor:  # noqa: ANN001
         if hook.name in deltas:
-            act = act + deltas[hook.name]
+            delta = deltas[hook.name]
+            act = act + (delta(act) if callable(delta) else delta)
         seen[hook.name] = act.detach()
         if with_grad:
             leaves[hook.name] = torch.zeros_like(act, requires_grad=True)

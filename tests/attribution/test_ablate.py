@@ -42,14 +42,35 @@ def test_ablation_is_what_it_says(rm, pairs, saes):
     assert torch.allclose(result.chosen[:, 0], ablated - clean, atol=1e-5)
 
 
-def test_joint_ablation_adds_all_deltas(rm, pairs, saes):
-    features = [(HOOKS[0], 2), (HOOKS[0], 11), (HOOKS[1], 4)]
+def _remove_by_hand(sae, indices):
+    """Encode the activation as it arrives, remove the features, decode, add the error back."""
+
+    def hook_fn(act, hook):
+        acts = sae.encode(act)
+        error = act - sae.decode(acts)
+        acts[..., indices] = 0
+        return sae.decode(acts) + error
+
+    return hook_fn
+
+
+@pytest.mark.parametrize("hooks_used", [1, 2])
+def test_joint_ablation_is_removal_in_one_run(rm, pairs, saes, hooks_used):
+    """Across hooks, each hook removes its features from the activation as it arrives (after the
+    earlier removal); at one hook that is the clean-run deltas added."""
+    features = [(HOOKS[0], 112), (HOOKS[0], 44), (HOOKS[1], 89), (HOOKS[1], 37)][: 2 * hooks_used]
     joint = ablate(rm, pairs, saes=saes, features=features, jointly=True, progress=False)
-    assert joint.nodes == [("joint", 3)] and joint.margin.shape == (3, 1)
-    single = ablate(rm, pairs, saes=saes, features=features, progress=False)
-    # Not additive in general, but of the same size as the single effects together.
-    assert not torch.allclose(joint.margin[:, 0], torch.zeros(3))
-    assert joint.margin.abs().max() <= 10 * single.margin.abs().sum(1).max() + 1e-3
+    assert joint.nodes == [("joint", len(features))] and joint.margin.shape == (3, 1)
+    side = encode_pairs(rm.tokenizer, pairs, max_len=128).chosen
+    fwd_hooks = [(HOOKS[h], _remove_by_hand(saes[h], [i for name, i in features if name == HOOKS[h]]))
+                 for h in range(hooks_used)]
+    with torch.no_grad():
+        clean = rm.reward(side.tokens, side.attention_mask)
+        with rm.hooks(fwd_hooks=fwd_hooks):
+            ablated = rm.reward(side.tokens, side.attention_mask)
+    assert torch.allclose(joint.chosen[:, 0], ablated - clean, atol=1e-5)
+    assert torch.allclose(joint.clean_chosen, clean, atol=1e-5)
+    assert (ablated - clean).abs().max() > 1e-3
 
 
 def test_divergence_and_masks(rm, pairs):

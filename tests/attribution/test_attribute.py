@@ -67,6 +67,22 @@ def test_margin_is_chosen_minus_rejected(rm, pairs, saes):
         assert torch.allclose(by_target["margin"].error_effects[hook], expected_error, atol=1e-6)
     exact = ablate(rm, pairs, saes=saes, features=[(saes[0].cfg.metadata.hook_name, 3)], progress=False)
     assert torch.allclose(exact.margin, exact.chosen - exact.rejected)
+    assert torch.allclose(exact.effects("sum"), exact.chosen + exact.rejected)
+
+
+def test_retarget_recombines_the_sides_without_a_run(rm, pairs, saes):
+    chosen = attribute(rm, pairs, saes=saes, target="chosen", progress=False)
+    rejected = attribute(rm, pairs, saes=saes, target="rejected", progress=False)
+    margin = attribute(rm, pairs, saes=saes, progress=False)
+    total = margin.retarget("sum")
+    assert total.settings["target"] == "sum" and margin.settings["target"] == "margin"
+    for hook in margin.effects:
+        assert torch.allclose(margin.retarget("chosen").dense_effects(hook), chosen.dense_effects(hook), atol=1e-6)
+        assert torch.allclose(total.dense_effects(hook), chosen.dense_effects(hook) + rejected.dense_effects(hook), atol=1e-6)
+        assert torch.allclose(total.error_effects[hook], chosen.error_effects[hook] + rejected.error_effects[hook], atol=1e-6)
+    assert torch.allclose(total.total, chosen.total + rejected.total, atol=1e-5)
+    with pytest.raises(ValueError, match="target must be one of"):
+        margin.retarget("difference")
 
 
 def test_uses_attached_saes_and_leaves_them_attached(rm, pairs, saes):

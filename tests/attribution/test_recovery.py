@@ -1,0 +1,42 @@
+"""Recovery: the margin a group's top features remove together, by exact joint ablation."""
+
+import pytest
+import torch
+
+from pm_lens.attribution import ablate, attribute
+from pm_lens.attribution.recovery import recover
+from pm_lens.scoring import score_pairs
+from tests.attribution.test_attribute import linear_case
+
+HOOK = "ln_final.hook_normalized"
+
+
+def test_recovery_where_the_reward_is_linear(rm, pairs):
+    """Linear in the hook: the exact removal equals the estimate, and the top features are those
+    carrying the margin."""
+    sae = linear_case(rm)
+    attribution = attribute(rm, pairs, saes=[sae], progress=False)
+    table = recover(rm, attribution, {"first two": [0, 1], "last": [2]}, top_n=3, progress=False)
+    assert list(table.group) == ["first two", "last"] and list(table.n_pairs) == [2, 1]
+    margins = score_pairs(rm, pairs, progress=False).margin
+    assert table.margin[0] == pytest.approx(float(margins[:2].mean()), abs=1e-5)
+    assert table.removed.to_numpy() == pytest.approx(table.estimated.to_numpy(), abs=1e-4)
+    assert table.fraction_removed[1] == pytest.approx(-table.removed[1] / table.margin[1])
+    # The "last" group's features: its 3 largest carriers, and they are what ablate removes.
+    effects = attribution.dense_effects(HOOK)[2]
+    sign = 1 if margins[2] >= 0 else -1
+    carriers = [i for i in torch.argsort(effects * sign).tolist() if effects[i] * sign < 0][:3]
+    assert table.features[1] == " ".join(f"{HOOK}:{i}" for i in carriers)
+    joint = ablate(rm, pairs[2:], saes=[sae], features=[(HOOK, i) for i in carriers], jointly=True, progress=False)
+    assert table.removed[1] == pytest.approx(float(joint.margin.mean()), abs=1e-6)
+
+
+def test_recovery_needs_a_margin_attribution_and_valid_groups(rm, pairs, saes):
+    attribution = attribute(rm, pairs, saes=saes, progress=False)
+    with pytest.raises(ValueError, match="indices in 0..2"):
+        recover(rm, attribution, {"bad": [5]}, progress=False)
+    with pytest.raises(ValueError, match="no attribution for hooks"):
+        recover(rm, attribution, hook_names=["blocks.0.hook_resid_post"], progress=False)
+    chosen = attribute(rm, pairs, saes=saes, target="chosen", progress=False)
+    with pytest.raises(ValueError, match="target='margin'"):
+        recover(rm, chosen, progress=False)
