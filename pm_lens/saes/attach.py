@@ -158,7 +158,8 @@ def feature_acts(
         raise ValueError("no SAEs are attached; use attach_saes(rm, saes) first")
     with torch.no_grad():
         _, cache = rm.run_with_cache(
-            tokens, attention_mask=attention_mask, names_filter=[f"{name}.{FEATURE_HOOK}" for name in names]
+            tokens, attention_mask=attention_mask, names_filter=[f"{name}.{FEATURE_HOOK}" for name in names],
+            stop_at_layer=stop_layer(rm, names),
         )
     keep = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     acts = {}

@@ -1,0 +1,184 @@
+"""Where features fire: the contexts and tokens that activate chosen SAE features most.
+
+A lightweight feature dashboard (in the spirit of Bricken et al. 2023, "Towards
+Monosemanticity", and SAELens's dashboards) over a small set of texts, enough to name a feature
+that an attribution ranked high.
+
+Steps of :func:`top_contexts`:
+1. both sides of every pair are encoded (right padding) and run in batches with the SAEs
+   attached, stopping after the last SAE's block; padding, and the first token with
+   ``skip_first`` (massive-activation start tokens), read 0;
+2. per feature, every firing is kept as (activation, text, position); the contexts are the
+   windows around the strongest firings, at most one per text and no two with the same tokens
+   (the shared prompt of a pair's two sides would otherwise repeat);
+3. per feature, the tokens it fires on most: activation summed by token over every text.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pm_lens.data import PreferencePair, encode_pairs
+from pm_lens.model import RewardModel
+from pm_lens.saes.attach import feature_acts, saes_attached
+
+Feature = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Context:
+    """A window of one text around a firing of a feature.
+
+    Attributes:
+        pair, side: which text (index into the pairs, "chosen" or "rejected").
+        tokens: the window's tokens, decoded one by one.
+        acts: the feature's activation at each of them.
+        peak: index in the window of the firing the context is centred on.
+        completion_start: index in the window of the first completion token (may be <0 or past
+            the end when the window lies inside the completion or the prompt).
+    """
+
+    pair: int
+    side: str
+    tokens: list[str]
+    acts: list[float]
+    peak: int
+    completion_start: int
+
+    @property
+    def max_act(self) -> float:
+        return self.acts[self.peak]
+
+
+@dataclass(frozen=True)
+class FeatureContexts:
+    """What one feature fires on over a set of texts.
+
+    Attributes:
+        contexts: the strongest firings, strongest first.
+        top_tokens: ``(token, summed activation)``, most first.
+        firing_rate: fraction of the (non-padding, non-skipped) tokens it fires on.
+        completion_max: ``[n_pairs, 2]`` its largest activation in each pair's chosen and
+            rejected completion (0 where it does not fire there).
+    """
+
+    hook_name: str
+    feature: int
+    contexts: list[Context]
+    top_tokens: list[tuple[str, float]]
+    firing_rate: float
+    completion_max: Tensor
+
+    def describe(self, n_tokens: int = 3) -> str:
+        """The tokens it fires on most, as one short string (e.g. ``"' welcome' '!'"``)."""
+        return " ".join(repr(token) for token, _ in self.top_tokens[:n_tokens]) or "(never fires)"
+
+
+def top_contexts(
+    rm: RewardModel,
+    saes: Sequence[SAE],
+    pairs: Sequence[PreferencePair],
+    features: Sequence[Feature],
+    *,
+    n_contexts: int = 5,
+    n_tokens: int = 5,
+    before: int = 12,
+    after: int = 4,
+    skip_first: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[Feature, FeatureContexts]:
+    """The contexts and tokens each of ``features`` fires on most over both sides of ``pairs``.
+
+    Args:
+        saes: the SAEs the features belong to (attached for the run, then detached).
+        features: ``(hook_name, index)`` of the features to look at.
+        n_contexts, n_tokens: how many contexts and top tokens to keep per feature.
+        before, after: tokens of context on each side of the firing.
+        skip_first: ignore each text's first token.
+    """
+    by_hook = {sae.cfg.metadata.hook_name: sae for sae in saes}
+    features = [(str(hook), int(index)) for hook, index in features]
+    for hook, index in features:
+        if hook not in by_hook:
+            raise ValueError(f"no SAE at {hook!r}; the SAEs are at {sorted(by_hook)}")
+        if not 0 <= index < by_hook[hook].cfg.d_sae:
+            raise ValueError(f"feature {index} does not exist at {hook}: valid are 0..{by_hook[hook].cfg.d_sae - 1}")
+    columns = defaultdict(list)
+    for hook, index in features:
+        columns[hook].append(index)
+    firings: dict[Feature, list[tuple[float, int, int]]] = {f: [] for f in features}  # (act, text, pos)
+    by_token: dict[Feature, dict[int, float]] = {f: defaultdict(float) for f in features}
+    texts: list[tuple[int, str, list[int], int]] = []  # (pair, side, ids, completion_start)
+    n_tokens_seen = 0
+    completion_max = {f: torch.zeros(len(pairs), 2) for f in features}
+    starts = range(0, len(pairs), batch_size)
+    with saes_attached(rm, list(by_hook.values())):
+        for start in tqdm(starts, desc="reading contexts", disable=not progress or len(starts) < 2):
+            batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx)
+            for side_index, (side_name, side) in enumerate((("chosen", batch.chosen), ("rejected", batch.rejected))):
+                side = side.to(rm.cfg.device)
+                keep = side.attention_mask.bool()
+                if skip_first:
+                    keep[:, 0] = False
+                acts = feature_acts(rm, side.tokens, side.attention_mask)
+                n_tokens_seen += int(keep.sum())
+                for row in range(side.tokens.shape[0]):
+                    length = int(side.attention_mask[row].sum())
+                    texts.append((start + row, side_name, side.tokens[row, :length].tolist(), int(side.completion_start[row])))
+                text_offset = len(texts) - side.tokens.shape[0]
+                in_completion = (torch.arange(keep.shape[1], device=keep.device) >= side.completion_start[:, None]) & keep
+                for hook, indices in columns.items():
+                    chosen_acts = (acts[hook][..., indices] * keep[..., None]).float().cpu()
+                    peaks = (chosen_acts * in_completion[..., None].cpu()).amax(1)  # [batch, n_indices]
+                    for column, index in enumerate(indices):
+                        completion_max[(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
+                    for row, pos, column in (chosen_acts > 0).nonzero().tolist():
+                        feature = (hook, indices[column])
+                        value = float(chosen_acts[row, pos, column])
+                        firings[feature].append((value, text_offset + row, pos))
+                        by_token[feature][texts[text_offset + row][2][pos]] += value
+    return {f: _summarise(rm.tokenizer, f, firings[f], by_token[f], texts, n_tokens_seen, n_contexts=n_contexts,
+                          n_tokens=n_tokens, before=before, after=after, completion_max=completion_max[f])
+            for f in features}
+
+
+def _summarise(tokenizer: Any, feature: Feature, firings: list[tuple[float, int, int]], by_token: dict[int, float],
+               texts: list[Any], n_tokens_seen: int, *, n_contexts: int, n_tokens: int, before: int, after: int,
+               completion_max: Tensor) -> FeatureContexts:
+    acts_by_text: dict[int, dict[int, float]] = defaultdict(dict)
+    for value, text, pos in firings:
+        acts_by_text[text][pos] = value
+    contexts: list[Context] = []
+    used_texts: set[int] = set()
+    seen_windows: set[tuple[int, ...]] = set()
+    for value, text, pos in sorted(firings, key=lambda f: -f[0]):
+        if len(contexts) >= n_contexts:
+            break
+        pair, side, ids, completion_start = texts[text]
+        lo, hi = max(0, pos - before), min(len(ids), pos + after + 1)
+        window = tuple(ids[lo:hi])
+        if text in used_texts or window in seen_windows:
+            continue
+        used_texts.add(text)
+        seen_windows.add(window)
+        contexts.append(Context(
+            pair=pair, side=side, tokens=[tokenizer.decode([i]) for i in window],
+            acts=[acts_by_text[text].get(p, 0.0) for p in range(lo, hi)], peak=pos - lo,
+            completion_start=completion_start - lo,
+        ))
+    top = sorted(by_token.items(), key=lambda item: -item[1])[:n_tokens]
+    return FeatureContexts(
+        hook_name=feature[0], feature=feature[1], contexts=contexts,
+        top_tokens=[(tokenizer.decode([token]), value) for token, value in top],
+        firing_rate=len(firings) / max(1, n_tokens_seen),
+        completion_max=completion_max,
+    )

@@ -1,0 +1,80 @@
+"""Top contexts: the strongest firings of a feature, checked against the SAE's own encoding."""
+
+import pytest
+import torch
+
+from pm_lens import PreferencePair, RewardModel
+from pm_lens.data import encode_pairs
+from pm_lens.saes.contexts import top_contexts
+from pm_lens.testing import tiny_hf_reward_model
+from tests.saes.helpers import build_standard_sae, sparse_sae_for
+
+HOOK = "blocks.1.hook_resid_post"
+PAIRS = [
+    PreferencePair("What is 2+2?", "4, you're welcome!", "I don't know."),
+    PreferencePair("Capital of France?", "Paris.", "London, see http://x.com"),
+    PreferencePair("Name a colour.", "Red, thanks!", "Go away, you idiot."),
+]
+
+
+@pytest.fixture
+def rm(tokenizer):
+    return RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=3), tokenizer)
+
+
+def _reference_acts(rm, sae, index, skip_first):
+    """Every (activation, pair, side, position) of feature ``index``, from run_with_cache + encode."""
+    batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
+    out = []
+    for side_name, side in (("chosen", batch.chosen), ("rejected", batch.rejected)):
+        _, cache = rm.run_with_cache(side.tokens, attention_mask=side.attention_mask, names_filter=HOOK)
+        acts = sae.encode(cache[HOOK])[..., index] * side.attention_mask
+        if skip_first:
+            acts[:, 0] = 0
+        out += [(float(acts[r, p]), r, side_name, p, int(side.tokens[r, p])) for r, p in (acts > 0).nonzero().tolist()]
+    return out
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_contexts_are_the_strongest_firings(rm, skip_first):
+    sae = sparse_sae_for(rm, HOOK, encode_pairs(rm.tokenizer, PAIRS, max_len=128).chosen.tokens, seed=3, d_sae=64)
+    with torch.no_grad():
+        reference = {i: _reference_acts(rm, sae, i, skip_first) for i in range(64)}
+    index = max(reference, key=lambda i: len(reference[i]))  # the feature that fires most
+    result = top_contexts(rm, [sae], PAIRS, [(HOOK, index)], n_contexts=3, skip_first=skip_first, progress=False)
+    found = result[(HOOK, index)]
+    expected = sorted(reference[index], key=lambda r: -r[0])
+    assert found.contexts[0].max_act == pytest.approx(expected[0][0], rel=1e-5)
+    assert [c.max_act for c in found.contexts] == sorted((c.max_act for c in found.contexts), reverse=True)
+    assert len({(c.pair, c.side) for c in found.contexts}) == len(found.contexts)  # one context per text
+    for context in found.contexts:
+        assert context.tokens[context.peak] == rm.tokenizer.decode([next(r[4] for r in expected if r[0] == context.max_act)])
+        assert context.acts[context.peak] == context.max_act > 0
+    sums = {}
+    for value, *_, token in expected:
+        sums[token] = sums.get(token, 0.0) + value
+    best = max(sums, key=sums.get)
+    assert found.top_tokens[0][0] == rm.tokenizer.decode([best])
+    assert found.top_tokens[0][1] == pytest.approx(sums[best], rel=1e-5)
+    assert found.firing_rate == pytest.approx(len(expected) / _n_tokens(rm, skip_first))
+    batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
+    for side_index, side in enumerate((batch.chosen, batch.rejected)):
+        for pair in range(len(PAIRS)):
+            start = int(side.completion_start[pair])
+            in_completion = [r[0] for r in expected if r[1] == pair and r[2] == ("chosen", "rejected")[side_index] and r[3] >= start]
+            assert float(found.completion_max[pair, side_index]) == pytest.approx(max(in_completion, default=0.0), rel=1e-5)
+    assert found.completion_max.sum() > 0
+
+
+def _n_tokens(rm, skip_first):
+    batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
+    n = int(batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum())
+    return n - 2 * len(PAIRS) if skip_first else n
+
+
+def test_bad_features_are_named(rm):
+    sae = build_standard_sae(HOOK, d_in=rm.cfg.d_model, d_sae=64)
+    with pytest.raises(ValueError, match="no SAE at 'blocks.0.hook_resid_post'"):
+        top_contexts(rm, [sae], PAIRS, [("blocks.0.hook_resid_post", 1)], progress=False)
+    with pytest.raises(ValueError, match="valid are 0..63"):
+        top_contexts(rm, [sae], PAIRS, [(HOOK, 64)], progress=False)
