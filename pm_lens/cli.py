@@ -8,16 +8,45 @@ import sys
 from pathlib import Path
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from pm_lens.demo import OUTPUTS, DemoSettings
+
+    defaults = DemoSettings()
     parser = argparse.ArgumentParser(prog="pm-lens", description="Open up preference models with sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="run the end-to-end example",
-        description="Score preference pairs with a tiny random reward model and check parity with Hugging Face.",
+        help="find the features that drive the embedded demo PM, confirm them, check them against the truth",
+        description=(
+            "Attribute the embedded demo PM's reward on held-out planted-preference pairs to its SAE features, "
+            "confirm the top ones by exact ablation, and check them against the planted truth. "
+            f"Writes {', '.join(OUTPUTS)} to --out. The first run converts and caches SmolLM2 "
+            "(under $PM_LENS_CACHE, default ~/.cache/pm_lens)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the outputs (default: demo_out)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random model (default: 0)")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the outputs")
+    demo.add_argument("--pairs-per-attribute", type=_positive, default=defaults.pairs_per_attribute,
+                      help="held-out pairs per planted attribute (6 attributes)")
+    demo.add_argument("--top", type=_positive, default=defaults.top,
+                      help="features ranked and confirmed by exact ablation per planted attribute")
+    demo.add_argument("--fidelity-top", type=_positive, default=defaults.fidelity_top,
+                      help="top features of the whole ranking ablated for the fidelity card")
+    demo.add_argument("--random", type=int, default=defaults.n_random,
+                      help="other features ablated for the fidelity card's false-negative check")
+    demo.add_argument("--recovery-top", type=_positive, default=defaults.recovery_top,
+                      help="features ablated jointly per planted attribute in the truth check")
+    demo.add_argument("--contexts", type=_positive, default=defaults.n_contexts, help="contexts shown per feature")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random features of the fidelity card")
+    demo.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -25,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     if args.command == "demo":
-        from pm_lens.demo import print_summary, run_demo
+        from pm_lens.demo import DemoSettings, print_summary, run_demo
 
-        summary = run_demo(args.out, seed=args.seed)
-        print_summary(summary, args.out / "rewards.csv")
-        print(f"\nwrote {args.out / 'rewards.csv'} and {args.out / 'config.json'}")
+        settings = DemoSettings(pairs_per_attribute=args.pairs_per_attribute, top=args.top,
+                                fidelity_top=args.fidelity_top, n_random=args.random,
+                                recovery_top=args.recovery_top, n_contexts=args.contexts, seed=args.seed)
+        result = run_demo(args.out, settings, cache_dir=args.cache_dir, progress=not args.quiet)
+        print_summary(result)
     return 0
 
 

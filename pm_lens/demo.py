@@ -1,86 +1,257 @@
-"""The demo: load a reward model, score preference pairs, check parity with Hugging Face.
+"""The demo: find the features that drive the embedded default PM, confirm them, check the truth.
 
-Until the embedded default PM lands, the demo runs on a tiny random-init Llama reward model
-built from a config (no download), so its rewards carry no meaning; what it shows is the
-workflow and that pm_lens's rewards equal Hugging Face's.
+The demo PM (:mod:`pm_lens.demo_pm`) was trained on planted preferences
+(:mod:`pm_lens.data.planted`), so we know what *should* drive its reward: a closer raises it;
+"I don't know", repetition, a URL and rudeness lower it; a correct answer beats a wrong one.
 
-Steps:
-1. build the HF reward model and its tokenizer;
-2. convert it to a :class:`~pm_lens.RewardModel`;
-3. score a few pairs with pm_lens and with the HF model, and compare;
-4. read one hook with ``run_with_cache``;
-5. write ``rewards.csv`` and ``config.json`` (atomically) to the output folder.
+Steps of :func:`run_demo`:
+1. load the demo PM (SmolLM2 is converted and cached on the first run) and its three SAEs;
+2. take held-out pairs that differ in one planted attribute only, ``pairs_per_attribute`` each;
+3. attribute the margin r(chosen) - r(rejected) to every feature of every SAE with AtP, the first
+   token (residual norm ~25,000) left out;
+4. per planted attribute, rank the features by their mean effect on its pairs and confirm the
+   ``top`` first by exact ablation on those pairs; a feature raises or lowers reward according to
+   the exact change of the reward of the completion it fires in (chosen, rejected or both);
+5. a fidelity card for the whole ranking: the ``fidelity_top`` features and ``n_random`` others
+   ablated exactly on every pair, and every node at once;
+6. the contexts and tokens each ranked feature fires on most, and the planted attribute its firing
+   tracks best (correlation of its peak activation in a completion with the attribute);
+7. truth check: per planted attribute, ablate the top ``recovery_top`` features of its pairs
+   jointly and measure how much of the PM's margin on them is removed (:func:`pm_lens.attribution.recover`);
+8. write ``features.csv``, ``fidelity.json``, ``recovery.csv``, ``report.html`` and ``config.json``
+   (settings, versions and timings) to the output folder, each atomically.
 """
 
 from __future__ import annotations
 
 import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
-from pm_lens.data import PreferencePair, encode_completions
+from pm_lens.attribution import Attribution, attribute, check_fidelity, recover
+from pm_lens.attribution.fidelity import FidelityCard, ablate_like
+from pm_lens.data import PreferencePair
+from pm_lens.data.planted import PLANTED_ATTRIBUTES, WEIGHTS, make_planted, single_attribute
 from pm_lens.io import write_atomic
 from pm_lens.model import RewardModel
-from pm_lens.scoring import score_pairs
-from pm_lens.testing import char_tokenizer, tiny_hf_reward_model
+from pm_lens.report import write_report
+from pm_lens.saes.contexts import FeatureContexts, top_contexts
 
-DEMO_PAIRS = [
-    PreferencePair("What is the capital of France?", "The capital of France is Paris.", "I don't know."),
-    PreferencePair("What is 2 + 2?", "2 + 2 = 4. You're welcome!", "2 + 2 = 4. 2 + 2 = 4. 2 + 2 = 4."),
-    PreferencePair("Name a primary colour.", "Red is a primary colour.", "See http://example.com for colours."),
-    PreferencePair("How do I boil an egg?", "Simmer it for nine minutes.", "Figure it out yourself."),
-]
+OUTPUTS = ("features.csv", "fidelity.json", "recovery.csv", "report.html", "config.json")
+N_STEPS = 6
 
 
-def run_demo(out_dir: str | Path, *, seed: int = 0, architecture: str = "LlamaForSequenceClassification") -> dict[str, Any]:
-    """Run the demo and write its outputs to ``out_dir``; returns the summary it saves."""
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; saved to ``config.json`` beside the results."""
+
+    pairs_per_attribute: int = 6
+    top: int = 3
+    fidelity_top: int = 10
+    n_random: int = 10
+    recovery_top: int = 10
+    n_contexts: int = 5
+    seed: int = 0
+    dataset_seed: int = 0  # the planted dataset the demo PM was trained on
+    batch_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """The demo's outputs (also written to ``out_dir``)."""
+
+    features: pd.DataFrame
+    card: FidelityCard
+    recovery: pd.DataFrame
+    contexts: dict[tuple[str, int], FeatureContexts]
+    timings: dict[str, float]
+    out_dir: Path
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, cache_dir: str | Path | None = None,
+             progress: bool = True) -> DemoResult:
+    """Run the demo (see the module docstring) and write its outputs to ``out_dir``."""
+    from pm_lens.demo_pm import demo_reward_model, demo_saes
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = char_tokenizer()
-    hf_model = tiny_hf_reward_model(architecture, seed=seed)
-    rm = RewardModel.from_hf(hf_model, tokenizer)
+    timings: dict[str, float] = {}
+    with _timed(timings, "load", progress, "loading the demo PM and its SAEs"):
+        rm = demo_reward_model(cache_dir=cache_dir)
+        saes = demo_saes(device=str(rm.cfg.device))
+    pairs, groups = held_out_pairs(settings.pairs_per_attribute, seed=settings.dataset_seed)
+    common = dict(batch_tokens=settings.batch_tokens, progress=progress)
+    with _timed(timings, "attribute", progress, f"attributing the margin on {len(pairs)} held-out pairs"):
+        attribution = attribute(rm, pairs, saes=saes, skip_first=True, **common)
+    with _timed(timings, "confirm", progress, f"confirming each attribute's top {settings.top} features by exact ablation"):
+        features = rank_by_group(rm, attribution, groups, top=settings.top, batch_tokens=settings.batch_tokens)
+    with _timed(timings, "fidelity", progress, "fidelity card: exact ablation of the top and of random features"):
+        card = check_fidelity(rm, attribution, top_k=settings.fidelity_top, n_random=settings.n_random,
+                              seed=settings.seed, **common)
+    with _timed(timings, "contexts", progress, "reading where the features fire"):
+        unique = list(dict.fromkeys(zip(features.hook_name, features.feature.astype(int))))
+        contexts = top_contexts(rm, saes, pairs, unique, n_contexts=settings.n_contexts, skip_first=True, skip_last=True,
+                                progress=progress)
+        features = _describe(features, contexts, pairs, groups)
+    with _timed(timings, "recover", progress, "truth check: ablating each attribute's top features together"):
+        recovery = recover(rm, attribution, groups, top_n=settings.recovery_top, **common)
+        recovery.insert(1, "planted_weight", [WEIGHTS[name] for name in recovery.group])
+        recovery["top_fires_on"] = [_fires_on(rm, saes, pairs, groups[g], f, settings) for g, f in
+                                    zip(recovery.group, recovery.features)]
+    _write(out, settings, features, card, recovery, contexts, timings, rm)
+    return DemoResult(features, card, recovery, contexts, timings, out)
 
-    table = score_pairs(rm, DEMO_PAIRS, progress=False)
-    table["hf_chosen_reward"] = _hf_rewards(hf_model, tokenizer, [p.prompt for p in DEMO_PAIRS], [p.chosen for p in DEMO_PAIRS])
-    table["hf_rejected_reward"] = _hf_rewards(hf_model, tokenizer, [p.prompt for p in DEMO_PAIRS], [p.rejected for p in DEMO_PAIRS])
-    table.insert(0, "prompt", [p.prompt for p in DEMO_PAIRS])
-    max_diff = float(
-        max((table.chosen_reward - table.hf_chosen_reward).abs().max(), (table.rejected_reward - table.hf_rejected_reward).abs().max())
-    )
 
-    batch = encode_completions(tokenizer, [DEMO_PAIRS[0].prompt], [DEMO_PAIRS[0].chosen], max_len=rm.cfg.n_ctx)
-    hook_name = f"blocks.{rm.cfg.n_layers // 2}.hook_resid_post"
-    _, cache = rm.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter=hook_name)
+def held_out_pairs(per_attribute: int, *, seed: int = 0) -> tuple[list[PreferencePair], dict[str, list[int]]]:
+    """The first ``per_attribute`` held-out single-attribute pairs of every planted attribute,
+    and each attribute's indices into them."""
+    if per_attribute < 1:
+        raise ValueError(f"pairs_per_attribute must be >= 1, got {per_attribute}")
+    test = make_planted(seed=seed).test
+    pairs: list[PreferencePair] = []
+    groups: dict[str, list[int]] = {}
+    for name in PLANTED_ATTRIBUTES:
+        chosen = single_attribute(test, name)[:per_attribute]
+        groups[name] = list(range(len(pairs), len(pairs) + len(chosen)))
+        pairs += chosen
+    return pairs, groups
 
-    summary = {
-        "model": {"architecture": architecture, "seed": seed, "n_layers": rm.cfg.n_layers, "d_model": rm.cfg.d_model},
-        "processing": rm.processing.as_dict(),
-        "pairs": len(DEMO_PAIRS),
-        "max_abs_diff_vs_hf": max_diff,
-        "cached_hook": {"name": hook_name, "shape": list(cache[hook_name].shape)},
+
+def rank_by_group(rm: RewardModel, attribution: Attribution, groups: dict[str, list[int]], *, top: int,
+                  batch_tokens: int = 4096) -> pd.DataFrame:
+    """Per group of pairs, the ``top`` features of largest mean |margin effect| on its pairs, with
+    their exact effects there: on the margin and on each side's reward (mean over the group)."""
+    rows = []
+    for name, indices in groups.items():
+        group = attribution.subset(indices)
+        ranking = group.ranking()
+        best = ranking[ranking.node == "feature"].head(top)
+        nodes = [(h, int(f)) for h, f in zip(best.hook_name, best.feature)]
+        exact = ablate_like(rm, group, nodes, batch_tokens=batch_tokens, progress=False)
+        for rank, (row, column) in enumerate(zip(best.itertuples(), range(len(nodes))), start=1):
+            rows.append(dict(
+                attribute=name, rank=rank, hook_name=row.hook_name, feature=int(row.feature),
+                estimated_margin_effect=row.effect, exact_margin_effect=float(exact.margin[:, column].mean()),
+                exact_chosen_effect=float(exact.chosen[:, column].mean()),
+                exact_rejected_effect=float(exact.rejected[:, column].mean()),
+                sign_agreement=row.sign_agreement,
+            ))
+    return pd.DataFrame(rows)
+
+
+def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair], groups: dict[str, list[int]]) -> pd.DataFrame:
+    """Add where each feature fires (which side, which tokens), whether it raises or lowers
+    reward there, and the planted attribute its firing tracks best."""
+    present = {name: torch.tensor([[p.meta["chosen_attributes"][name], p.meta["rejected_attributes"][name]] for p in pairs],
+                                  dtype=torch.float) for name in PLANTED_ATTRIBUTES}
+    described = []
+    for row in features.itertuples():
+        found = contexts[(row.hook_name, int(row.feature))]
+        chosen, rejected = found.completion_max[groups[row.attribute]].mean(0).tolist()
+        side = "chosen" if chosen > 2 * rejected else "rejected" if rejected > 2 * chosen else "both"
+        reward_effect = {"chosen": row.exact_chosen_effect, "rejected": row.exact_rejected_effect,
+                         "both": (row.exact_chosen_effect + row.exact_rejected_effect) / 2}[side]
+        peaks = found.completion_max.flatten()
+        scores = {name: _corr(peaks, indicator.flatten()) for name, indicator in present.items()}
+        best = max(scores, key=lambda name: abs(scores[name]) if np.isfinite(scores[name]) else -1.0)
+        described.append(dict(
+            fires_in=side, exact_reward_effect=reward_effect,
+            # Removing a feature that raises reward lowers it.
+            direction="raises" if reward_effect < 0 else "lowers",
+            fires_on=found.describe(3), at_last_token=found.last_token_mean,
+            tracks_attribute=best if np.isfinite(scores[best]) else "", correlation=scores[best],
+        ))
+    table = pd.concat([features.reset_index(drop=True), pd.DataFrame(described)], axis=1)
+    columns = ["attribute", "rank", "direction", "hook_name", "feature", "estimated_margin_effect", "exact_margin_effect",
+               "fires_in", "exact_reward_effect", "fires_on", "at_last_token", "tracks_attribute", "correlation",
+               "sign_agreement",
+               "exact_chosen_effect", "exact_rejected_effect"]
+    return table[columns]
+
+
+def _fires_on(rm: RewardModel, saes: list, pairs: list[PreferencePair], indices: list[int], features: str,
+              settings: DemoSettings) -> str:
+    """What the first three of a recovery row's features fire on, over the group's pairs."""
+    nodes = [(name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])) for name in features.split()[:3]]
+    if not nodes:
+        return ""
+    found = top_contexts(rm, saes, [pairs[i] for i in indices], nodes, n_contexts=1, skip_first=True, skip_last=True,
+                         progress=False)
+    return " | ".join(found[node].describe(2) for node in nodes)
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str, progress: bool, message: str) -> Iterator[None]:
+    if progress:
+        print(f"[{len(timings) + 1}/{N_STEPS}] {message} ...", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 2)
+
+
+def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: FidelityCard, recovery: pd.DataFrame,
+           contexts: dict, timings: dict[str, float], rm: Any) -> None:
+    config = {
+        "settings": asdict(settings),
+        "attribution": {"method": "atp", "target": "margin", "baseline": "zero", "positions": "all", "skip_first": True},
+        "model": {"name": "pm_lens demo PM (SmolLM2-135M-Instruct + planted-preference head)",
+                  "n_layers": rm.cfg.n_layers, "d_model": rm.cfg.d_model, "device": str(rm.cfg.device)},
+        "versions": {name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
+        "python": platform.python_version(),
+        "timings_s": timings,
     }
-    write_atomic(out / "rewards.csv", table.to_csv(index=False))
-    write_atomic(out / "config.json", json.dumps(summary, indent=2))
-    return summary
+    write_atomic(out / "features.csv", features.to_csv(index=False))
+    card.save(out / "fidelity.json")
+    write_atomic(out / "recovery.csv", recovery.to_csv(index=False))
+    write_report(out / "report.html", title="pm_lens demo: what drives the demo PM's reward", settings=config,
+                 features=features, card=card, contexts=contexts, tables={"Truth check: planted attributes": recovery},
+                 notes=_NOTES)
+    write_atomic(out / "config.json", json.dumps(config, indent=2))
 
 
-@torch.no_grad()
-def _hf_rewards(hf_model: torch.nn.Module, tokenizer: Any, prompts: list[str], completions: list[str]) -> list[float]:
-    # One sequence at a time: no padding, so nothing depends on how HF pools padded batches.
-    rewards = []
-    for prompt, completion in zip(prompts, completions):
-        batch = encode_completions(tokenizer, [prompt], [completion], max_len=10**9)
-        rewards.append(float(hf_model(batch.tokens).logits[0, 0]))
-    return rewards
+_NOTES = {
+    "Features that raise reward": "Per planted attribute, the features AtP ranks first on its held-out pairs. "
+    "Effects are those of removing the feature, averaged over the attribute's pairs: estimated (AtP) and exact "
+    "(ablation) on the margin, and exact on the reward of the completion it fires in (fires_in); a feature whose "
+    "removal lowers that reward raises reward. fires_on: the tokens it fires on most strongly, the last token left "
+    "out; at_last_token: its mean activation at the last token, where the reward is read (features that summarise "
+    "a completion fire hardest there); tracks_attribute: the "
+    "planted attribute its peak activation in a completion correlates with best (correlation).",
+    "Fidelity": "How well the AtP ranking agrees with exact ablation, on the ranked features and a random sample of "
+    "the others. Completeness compares the sum of all attributions with removing every node at once (far from linear).",
+    "Truth check: planted attributes": "Per planted attribute, on held-out pairs that differ only in it: the PM's mean "
+    "margin (chosen = the planted-preferred side), and the part of it removed by ablating the top features of those "
+    "pairs jointly.",
+}
 
 
-def print_summary(summary: dict[str, Any], table_path: Path) -> None:
-    table = pd.read_csv(table_path)
-    with pd.option_context("display.width", 120, "display.max_colwidth", 32):
-        print(table[["prompt", "chosen_reward", "rejected_reward", "margin"]].to_string(index=False))
-    print(f"\nmax |reward(pm_lens) - reward(HF)| = {summary['max_abs_diff_vs_hf']:.2e}")
-    print(f"weight processing: {summary['processing']}")
-    print(f"cached {summary['cached_hook']['name']} with shape {summary['cached_hook']['shape']}")
+def print_summary(result: DemoResult) -> None:
+    """Print the ranked features, the fidelity card and the truth check."""
+    shown = ["attribute", "rank", "hook_name", "feature", "estimated_margin_effect", "exact_margin_effect", "fires_in",
+             "exact_reward_effect", "fires_on", "tracks_attribute"]
+    with pd.option_context("display.width", 200, "display.max_colwidth", 36, "display.float_format", "{:.3f}".format):
+        for direction, heading in (("raises", "Features that raise reward"), ("lowers", "Features that lower reward")):
+            print(f"\n{heading} (each planted attribute's top features on its held-out pairs; effects of removing them):")
+            print(result.features[result.features.direction == direction][shown].to_string(index=False))
+        print(f"\n{result.card}")
+        print("\nTruth check: the margin each planted attribute's top features remove when ablated together:")
+        print(result.recovery.drop(columns=["features", "estimated"]).to_string(index=False))
+    total = sum(result.timings.values())
+    print(f"\nwall time {total:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in result.timings.items())})")
+    print(f"wrote {', '.join(str(result.out_dir / name) for name in OUTPUTS)}")

@@ -34,6 +34,8 @@ from pm_lens.io import write_atomic
 from pm_lens.model.reward_model import RewardModel
 
 DEMO_PM_FILE = Path(__file__).parent / "assets" / "demo_pm.safetensors"
+DEMO_SAES_DIR = Path(__file__).parent / "assets" / "demo_saes"
+DEMO_SAE_HOOKS = ("blocks.8.hook_resid_post", "blocks.15.hook_resid_post", "blocks.22.hook_resid_post")
 
 
 def demo_reward_model(*, cache_dir: str | Path | None = None, device: str | None = None,
@@ -47,6 +49,14 @@ def demo_reward_model(*, cache_dir: str | Path | None = None, device: str | None
         raise FileNotFoundError(f"the demo PM weights are missing at {DEMO_PM_FILE}; run scripts/train_demo_pm.py")
     weights = {k: v.float() for k, v in load_file(str(DEMO_PM_FILE)).items()}
     return smollm2_reward_model(weights, cache_dir=cache_dir, device=device, dtype=dtype)
+
+
+def demo_saes(*, device: str | None = None) -> list[Any]:
+    """The demo PM's shipped SAEs (top-k, k=32, d_sae 1024) at :data:`DEMO_SAE_HOOKS`: early,
+    middle and late residual stream, trained by ``scripts/train_demo_saes.py``."""
+    from pm_lens.saes import load_sae
+
+    return [load_sae(DEMO_SAES_DIR / hook, device=device) for hook in DEMO_SAE_HOOKS]
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,25 @@ class Attribution:
         total = sum(_dense(effects[n]).sum(-1) + errors[n] for n in self.effects)
         return replace(self, effects=effects, error_effects=errors, total=total, settings={**self.settings, "target": target})
 
+    def subset(self, indices: Sequence[int]) -> Attribution:
+        """The attribution of the pairs at ``indices`` only (e.g. one group of pairs)."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        if len(index) == 0 or int(index.min()) < -self.n_pairs or int(index.max()) >= self.n_pairs:
+            raise ValueError(f"indices must be a non-empty list in 0..{self.n_pairs - 1}, got {list(indices)[:10]}")
+
+        def rows(tensor: Tensor) -> Tensor:
+            picked = _dense(tensor)[index]
+            return picked.to_sparse() if tensor.is_sparse else picked
+
+        sides = {side: {key: {n: rows(t) for n, t in values.items()} for key, values in parts.items()}
+                 for side, parts in self.sides.items()}
+        return replace(
+            self, effects={n: rows(t) for n, t in self.effects.items()},
+            error_effects={n: t[index] for n, t in self.error_effects.items()},
+            active={n: rows(t) for n, t in self.active.items()}, total=self.total[index],
+            pairs=[self.pairs[i] for i in index.tolist()], sides=sides,
+        )
+
     @property
     def n_pairs(self) -> int:
         return len(self.total)

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pm_lens.attribution.ablate import ablate
 from pm_lens.attribution.attribute import Attribution
+from pm_lens.attribution.fidelity import ablate_like
 from pm_lens.model import RewardModel
 from pm_lens.scoring import score_pairs
 
@@ -79,23 +79,21 @@ def recover(
 
 def _recover_group(rm: RewardModel, attribution: Attribution, name: str, index: torch.Tensor, margin: float,
                    hooks: list[str], top_n: int, batch_tokens: int) -> dict:
-    pairs = [attribution.pairs[i] for i in index.tolist()]
-    s = attribution.settings
+    group = attribution.subset(index.tolist())
     candidates = [(hook, feature, float(effect))
                   for hook in hooks
-                  for feature, effect in enumerate(attribution.dense_effects(hook)[index].mean(0).tolist())]
+                  for feature, effect in enumerate(group.dense_effects(hook).mean(0).tolist())]
     sign = 1.0 if margin >= 0 else -1.0
     # Removing a feature that carries the margin moves it against its sign.
     carriers = sorted((c for c in candidates if c[2] * sign < 0), key=lambda c: c[2] * sign)[:top_n]
     if not carriers:
-        return dict(group=name, n_pairs=len(pairs), margin=margin, removed=0.0, fraction_removed=0.0, estimated=0.0,
+        return dict(group=name, n_pairs=len(index), margin=margin, removed=0.0, fraction_removed=0.0, estimated=0.0,
                     features="")
-    joint = ablate(rm, pairs, features=[(h, f) for h, f, _ in carriers], jointly=True,
-                   saes=[attribution.saes[h] for h in hooks], baselines={h: attribution.baselines[h] for h in hooks},
-                   positions=s["positions"], skip_first=s["skip_first"], batch_tokens=batch_tokens, progress=False)
+    joint = ablate_like(rm, group, [(h, f) for h, f, _ in carriers], jointly=True, saes=[attribution.saes[h] for h in hooks],
+                        batch_tokens=batch_tokens, progress=False)
     removed = float(joint.margin.mean())
     return dict(
-        group=name, n_pairs=len(pairs), margin=margin, removed=removed,
+        group=name, n_pairs=len(index), margin=margin, removed=removed,
         fraction_removed=-removed / margin if margin != 0 else float("nan"),
         estimated=sum(e for _, _, e in carriers),
         features=" ".join(f"{h}:{f}" for h, f, _ in carriers),

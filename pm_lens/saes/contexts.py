@@ -7,11 +7,13 @@ that an attribution ranked high.
 Steps of :func:`top_contexts`:
 1. both sides of every pair are encoded (right padding) and run in batches with the SAEs
    attached, stopping after the last SAE's block; padding, and the first token with
-   ``skip_first`` (massive-activation start tokens), read 0;
+   ``skip_first`` (massive-activation start tokens), read 0; with ``skip_last`` the last token,
+   where the reward is read, is kept out of the contexts and tokens (features that summarise a
+   completion fire hardest there, which says little about what they detect) and reported apart;
 2. per feature, every firing is kept as (activation, text, position); the contexts are the
    windows around the strongest firings, at most one per text and no two with the same tokens
    (the shared prompt of a pair's two sides would otherwise repeat);
-3. per feature, the tokens it fires on most: activation summed by token over every text.
+3. per feature, the tokens it fires on most: token types ordered by their strongest firing.
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ class FeatureContexts:
 
     Attributes:
         contexts: the strongest firings, strongest first.
-        top_tokens: ``(token, summed activation)``, most first.
+        top_tokens: ``(token, largest activation on it)``, most first.
         firing_rate: fraction of the (non-padding, non-skipped) tokens it fires on.
         completion_max: ``[n_pairs, 2]`` its largest activation in each pair's chosen and
-            rejected completion (0 where it does not fire there).
+            rejected completion, the last token included (0 where it does not fire there).
+        last_token_mean: its mean activation at the texts' last token (where the reward is read).
     """
 
     hook_name: str
@@ -76,6 +79,7 @@ class FeatureContexts:
     top_tokens: list[tuple[str, float]]
     firing_rate: float
     completion_max: Tensor
+    last_token_mean: float
 
     def describe(self, n_tokens: int = 3) -> str:
         """The tokens it fires on most, as one short string (e.g. ``"' welcome' '!'"``)."""
@@ -93,6 +97,7 @@ def top_contexts(
     before: int = 12,
     after: int = 4,
     skip_first: bool = False,
+    skip_last: bool = False,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[Feature, FeatureContexts]:
@@ -104,6 +109,7 @@ def top_contexts(
         n_contexts, n_tokens: how many contexts and top tokens to keep per feature.
         before, after: tokens of context on each side of the firing.
         skip_first: ignore each text's first token.
+        skip_last: keep each text's last token out of the contexts, top tokens and firing rate.
     """
     by_hook = {sae.cfg.metadata.hook_name: sae for sae in saes}
     features = [(str(hook), int(index)) for hook, index in features]
@@ -120,6 +126,7 @@ def top_contexts(
     texts: list[tuple[int, str, list[int], int]] = []  # (pair, side, ids, completion_start)
     n_tokens_seen = 0
     completion_max = {f: torch.zeros(len(pairs), 2) for f in features}
+    last_sum = {f: 0.0 for f in features}
     starts = range(0, len(pairs), batch_size)
     with saes_attached(rm, list(by_hook.values())):
         for start in tqdm(starts, desc="reading contexts", disable=not progress or len(starts) < 2):
@@ -130,30 +137,39 @@ def top_contexts(
                 if skip_first:
                     keep[:, 0] = False
                 acts = feature_acts(rm, side.tokens, side.attention_mask)
-                n_tokens_seen += int(keep.sum())
                 for row in range(side.tokens.shape[0]):
                     length = int(side.attention_mask[row].sum())
                     texts.append((start + row, side_name, side.tokens[row, :length].tolist(), int(side.completion_start[row])))
                 text_offset = len(texts) - side.tokens.shape[0]
                 in_completion = (torch.arange(keep.shape[1], device=keep.device) >= side.completion_start[:, None]) & keep
+                last = side.attention_mask.sum(1) - 1
+                rows = torch.arange(keep.shape[0], device=keep.device)
+                if skip_last:
+                    keep[rows, last] = False
+                n_tokens_seen += int(keep.sum())
                 for hook, indices in columns.items():
-                    chosen_acts = (acts[hook][..., indices] * keep[..., None]).float().cpu()
-                    peaks = (chosen_acts * in_completion[..., None].cpu()).amax(1)  # [batch, n_indices]
+                    hook_acts = acts[hook][..., indices].float()
+                    peaks = (hook_acts * in_completion[..., None]).amax(1).cpu()  # [batch, n_indices]
+                    at_last = hook_acts[rows, last].sum(0).cpu()
                     for column, index in enumerate(indices):
                         completion_max[(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
+                        last_sum[(hook, index)] += float(at_last[column])
+                    chosen_acts = (hook_acts * keep[..., None]).cpu()
                     for row, pos, column in (chosen_acts > 0).nonzero().tolist():
                         feature = (hook, indices[column])
                         value = float(chosen_acts[row, pos, column])
                         firings[feature].append((value, text_offset + row, pos))
-                        by_token[feature][texts[text_offset + row][2][pos]] += value
+                        token = texts[text_offset + row][2][pos]
+                        by_token[feature][token] = max(by_token[feature][token], value)
     return {f: _summarise(rm.tokenizer, f, firings[f], by_token[f], texts, n_tokens_seen, n_contexts=n_contexts,
-                          n_tokens=n_tokens, before=before, after=after, completion_max=completion_max[f])
+                          n_tokens=n_tokens, before=before, after=after, completion_max=completion_max[f],
+                          last_token_mean=last_sum[f] / max(1, 2 * len(pairs)))
             for f in features}
 
 
 def _summarise(tokenizer: Any, feature: Feature, firings: list[tuple[float, int, int]], by_token: dict[int, float],
                texts: list[Any], n_tokens_seen: int, *, n_contexts: int, n_tokens: int, before: int, after: int,
-               completion_max: Tensor) -> FeatureContexts:
+               completion_max: Tensor, last_token_mean: float) -> FeatureContexts:
     acts_by_text: dict[int, dict[int, float]] = defaultdict(dict)
     for value, text, pos in firings:
         acts_by_text[text][pos] = value
@@ -181,4 +197,5 @@ def _summarise(tokenizer: Any, feature: Feature, firings: list[tuple[float, int,
         top_tokens=[(tokenizer.decode([token]), value) for token, value in top],
         firing_rate=len(firings) / max(1, n_tokens_seen),
         completion_max=completion_max,
+        last_token_mean=last_token_mean,
     )

@@ -85,6 +85,19 @@ def test_retarget_recombines_the_sides_without_a_run(rm, pairs, saes):
         margin.retarget("difference")
 
 
+def test_subset_is_the_attribution_of_those_pairs(rm, pairs, saes):
+    full = attribute(rm, pairs, saes=saes, progress=False)
+    part = full.subset([2, 0])
+    alone = attribute(rm, [pairs[2], pairs[0]], saes=saes, progress=False)
+    assert part.pairs == alone.pairs and part.n_pairs == 2
+    for hook in full.effects:
+        assert torch.allclose(part.dense_effects(hook), alone.dense_effects(hook), atol=1e-5)
+        assert torch.equal(part.active[hook].to_dense(), alone.active[hook].to_dense())
+    assert torch.allclose(part.retarget("sum").total, alone.retarget("sum").total, atol=1e-4)
+    with pytest.raises(ValueError, match="indices must be"):
+        full.subset([3])
+
+
 def test_uses_attached_saes_and_leaves_them_attached(rm, pairs, saes):
     attach_saes(rm, saes)
     result = attribute(rm, pairs, progress=False)

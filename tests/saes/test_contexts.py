@@ -22,7 +22,7 @@ def rm(tokenizer):
     return RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=3), tokenizer)
 
 
-def _reference_acts(rm, sae, index, skip_first):
+def _reference_acts(rm, sae, index, skip_first, skip_last=False):
     """Every (activation, pair, side, position) of feature ``index``, from run_with_cache + encode."""
     batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
     out = []
@@ -31,17 +31,21 @@ def _reference_acts(rm, sae, index, skip_first):
         acts = sae.encode(cache[HOOK])[..., index] * side.attention_mask
         if skip_first:
             acts[:, 0] = 0
+        if skip_last:
+            acts[torch.arange(len(acts)), side.attention_mask.sum(1) - 1] = 0
         out += [(float(acts[r, p]), r, side_name, p, int(side.tokens[r, p])) for r, p in (acts > 0).nonzero().tolist()]
     return out
 
 
-@pytest.mark.parametrize("skip_first", [False, True])
-def test_contexts_are_the_strongest_firings(rm, skip_first):
+@pytest.mark.parametrize("skip_first, skip_last", [(False, False), (True, False), (True, True)])
+def test_contexts_are_the_strongest_firings(rm, skip_first, skip_last):
     sae = sparse_sae_for(rm, HOOK, encode_pairs(rm.tokenizer, PAIRS, max_len=128).chosen.tokens, seed=3, d_sae=64)
     with torch.no_grad():
-        reference = {i: _reference_acts(rm, sae, i, skip_first) for i in range(64)}
+        reference = {i: _reference_acts(rm, sae, i, skip_first, skip_last) for i in range(64)}
+        with_last = {i: _reference_acts(rm, sae, i, skip_first) for i in range(64)}
     index = max(reference, key=lambda i: len(reference[i]))  # the feature that fires most
-    result = top_contexts(rm, [sae], PAIRS, [(HOOK, index)], n_contexts=3, skip_first=skip_first, progress=False)
+    result = top_contexts(rm, [sae], PAIRS, [(HOOK, index)], n_contexts=3, skip_first=skip_first, skip_last=skip_last,
+                          progress=False)
     found = result[(HOOK, index)]
     expected = sorted(reference[index], key=lambda r: -r[0])
     assert found.contexts[0].max_act == pytest.approx(expected[0][0], rel=1e-5)
@@ -50,26 +54,29 @@ def test_contexts_are_the_strongest_firings(rm, skip_first):
     for context in found.contexts:
         assert context.tokens[context.peak] == rm.tokenizer.decode([next(r[4] for r in expected if r[0] == context.max_act)])
         assert context.acts[context.peak] == context.max_act > 0
-    sums = {}
+    peaks = {}
     for value, *_, token in expected:
-        sums[token] = sums.get(token, 0.0) + value
-    best = max(sums, key=sums.get)
+        peaks[token] = max(peaks.get(token, 0.0), value)
+    best = max(peaks, key=peaks.get)
     assert found.top_tokens[0][0] == rm.tokenizer.decode([best])
-    assert found.top_tokens[0][1] == pytest.approx(sums[best], rel=1e-5)
-    assert found.firing_rate == pytest.approx(len(expected) / _n_tokens(rm, skip_first))
+    assert found.top_tokens[0][1] == pytest.approx(peaks[best], rel=1e-5)
+    assert found.firing_rate == pytest.approx(len(expected) / _n_tokens(rm, skip_first, skip_last))
     batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
     for side_index, side in enumerate((batch.chosen, batch.rejected)):
         for pair in range(len(PAIRS)):
             start = int(side.completion_start[pair])
-            in_completion = [r[0] for r in expected if r[1] == pair and r[2] == ("chosen", "rejected")[side_index] and r[3] >= start]
+            in_completion = [r[0] for r in with_last[index] if r[1] == pair and r[2] == ("chosen", "rejected")[side_index] and r[3] >= start]
             assert float(found.completion_max[pair, side_index]) == pytest.approx(max(in_completion, default=0.0), rel=1e-5)
     assert found.completion_max.sum() > 0
+    lengths = torch.cat([batch.chosen.attention_mask.sum(1), batch.rejected.attention_mask.sum(1)])
+    at_last = [r[0] for r in with_last[index] if r[3] == lengths[r[1] + (len(PAIRS) if r[2] == "rejected" else 0)] - 1]
+    assert found.last_token_mean == pytest.approx(sum(at_last) / (2 * len(PAIRS)), rel=1e-5, abs=1e-7)
 
 
-def _n_tokens(rm, skip_first):
+def _n_tokens(rm, skip_first, skip_last):
     batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
     n = int(batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum())
-    return n - 2 * len(PAIRS) if skip_first else n
+    return n - 2 * len(PAIRS) * (int(skip_first) + int(skip_last))
 
 
 def test_bad_features_are_named(rm):

@@ -1,0 +1,111 @@
+"""An attribution run as one self-contained HTML page: ranked features, fidelity, contexts.
+
+The page has no scripts and no external files, so it opens anywhere and can be mailed around.
+Sections: the run's settings; the ranked features (raising, then lowering); the fidelity card;
+any extra tables (e.g. a recovery table); for each ranked feature, the contexts it fires on most,
+each token shaded by the feature's activation (completion tokens underlined, prompt tokens grey;
+a token left out of the contexts, such as the last one, reads 0).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pm_lens.attribution.fidelity import FidelityCard
+from pm_lens.io import write_atomic
+from pm_lens.saes.contexts import Context, FeatureContexts
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+pre { background: #f7f7f7; padding: 0.8em; }
+.context { font-family: ui-monospace, monospace; font-size: 0.85em; white-space: pre-wrap; margin: 3px 0; }
+.prompt { color: #888; } .completion { text-decoration: underline dotted #aaa; }
+.peak { outline: 1px solid #b00; }
+.feature { margin-bottom: 1.5em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def render_report(
+    *,
+    title: str,
+    settings: Mapping[str, Any],
+    features: pd.DataFrame,
+    card: FidelityCard,
+    contexts: Mapping[tuple[str, int], FeatureContexts],
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> str:
+    """The report as an HTML string.
+
+    Args:
+        features: one row per ranked feature with at least ``hook_name``, ``feature`` and
+            ``direction`` ("raises" or "lowers").
+        contexts: :func:`pm_lens.saes.contexts.top_contexts` of those features.
+        tables: extra titled tables, shown after the fidelity card.
+        notes: a paragraph under a section, by section title.
+    """
+    notes = notes or {}
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
+             _section("Settings", notes), f"<pre>{_e(json.dumps(settings, indent=2, default=str))}</pre>"]
+    for direction in ("raises", "lowers"):
+        heading = f"Features that {'raise' if direction == 'raises' else 'lower'} reward"
+        parts += [_section(heading, notes), _table(features[features.direction == direction])]
+    parts += [_section("Fidelity", notes), f"<pre>{_e(str(card))}</pre>"]
+    for name, table in (tables or {}).items():
+        parts += [_section(name, notes), _table(table)]
+    parts.append(_section("Where the features fire", notes))
+    for row in features.itertuples():
+        found = contexts.get((row.hook_name, int(row.feature)))
+        if found is not None:
+            parts.append(_feature_block(found, row.direction))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(path: str | Path, **kwargs: Any) -> None:
+    """Render the report (see :func:`render_report`) and write it atomically."""
+    write_atomic(path, render_report(**kwargs))
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _section(title: str, notes: Mapping[str, str]) -> str:
+    note = f"<p class='note'>{_e(notes[title])}</p>" if title in notes else ""
+    return f"<h2>{_e(title)}</h2>{note}"
+
+
+def _table(table: pd.DataFrame) -> str:
+    return table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=True)
+
+
+def _feature_block(found: FeatureContexts, direction: str) -> str:
+    header = (f"<h3>{_e(found.hook_name)} feature {found.feature} ({_e(direction)} reward)</h3>"
+              f"<p class='note'>fires on {100 * found.firing_rate:.2f}% of tokens; most on "
+              f"{_e(found.describe(5))}; mean activation at the last token {found.last_token_mean:.3g}</p>")
+    lines = [_context_line(context) for context in found.contexts] or ["<p class='note'>(never fires on these texts)</p>"]
+    return f"<div class='feature'>{header}{''.join(lines)}</div>"
+
+
+def _context_line(context: Context) -> str:
+    peak = max(context.max_act, 1e-12)
+    spans = []
+    for i, (token, act) in enumerate(zip(context.tokens, context.acts)):
+        classes = ["completion" if i >= context.completion_start else "prompt"] + (["peak"] if i == context.peak else [])
+        shade = f"background: rgba(255, 120, 0, {min(1.0, max(0.0, act / peak)):.2f});" if act > 0 else ""
+        text = token.replace("\n", "⏎")
+        spans.append(f"<span class='{' '.join(classes)}' style='{shade}' title='{act:.3g}'>{_e(text)}</span>")
+    where = f"pair {context.pair}, {context.side}, max {context.max_act:.3g}: "
+    return f"<div class='context'><span class='note'>{_e(where)}</span>{''.join(spans)}</div>"
