@@ -1,0 +1,83 @@
+"""Planted recovery: do the top features of each planted attribute carry its effect on the demo PM?
+
+For each planted attribute (the demo PM was trained on pairs whose preference it sets), take the
+held-out pairs that differ only in it, attribute the margin to every feature of the three demo
+SAEs (AtP, first token left out), rank the features by their mean effect on those pairs, ablate
+the top ``--top`` jointly (exact; across hooks each hook removes its features from the activation
+as it arrives) and report the fraction of the PM's margin on those pairs that goes away
+(:func:`pm_lens.attribution.recover`). Rows: features of all three SAEs together, and of each SAE
+alone. Also: the PM's accuracy on the pairs, and what the top three features fire on.
+
+Target (issue 5): at least 4 of the 5 style attributes (closer, idk, repetition, url, rude) with
+>= 50% of the effect removed (features of all three SAEs). "correct" is reported, not targeted:
+the demo PM barely separates correct from wrong answers, so its margin there is small and the
+fraction noisy.
+
+    python benchmarks/planted_recovery.py [--pairs 30] [--top 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pandas as pd  # noqa: E402
+
+from pm_lens import attribute, score_pairs  # noqa: E402
+from pm_lens.attribution import recover  # noqa: E402
+from pm_lens.demo import held_out_pairs  # noqa: E402
+from pm_lens.demo_pm import DEMO_SAE_HOOKS, demo_reward_model, demo_saes  # noqa: E402
+from pm_lens.saes.contexts import top_contexts  # noqa: E402
+
+STYLE = ("closer", "idk", "repetition", "url", "rude")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=30, help="held-out pairs per attribute (30 are available)")
+    parser.add_argument("--top", type=int, default=10, help="features ablated jointly per attribute")
+    parser.add_argument("--quick", action="store_true", help="4 pairs per attribute, no per-SAE rows (smoke test)")
+    args = parser.parse_args()
+    n_pairs = 4 if args.quick else args.pairs
+    start = time.perf_counter()
+    rm = demo_reward_model()
+    saes = demo_saes()
+    pairs, groups = held_out_pairs(n_pairs)
+    scores = score_pairs(rm, pairs, progress=False)
+    attribution = attribute(rm, pairs, saes=saes, skip_first=True)
+    rows = []
+    hook_sets = [("all 3", None)] + ([] if args.quick else [(h.split(".")[1], [h]) for h in DEMO_SAE_HOOKS])
+    for label, hooks in hook_sets:
+        table = recover(rm, attribution, groups, top_n=args.top, hook_names=hooks)
+        table.insert(1, "saes", f"layer {label}" if hooks else label)
+        rows.append(table)
+    table = pd.concat(rows, ignore_index=True)
+    table["accuracy"] = [float((scores.margin.iloc[groups[g]] > 0).mean()) for g in table.group]
+    everything = table[table.saes == "all 3"].set_index("group")
+    fires_on = {}
+    for group, features in everything.features.items():
+        nodes = [(f.rsplit(":", 1)[0], int(f.rsplit(":", 1)[1])) for f in features.split()[:3]]
+        found = top_contexts(rm, saes, [pairs[i] for i in groups[group]], nodes, n_contexts=1, skip_first=True,
+                             skip_last=True, progress=False)
+        fires_on[group] = " | ".join(f"L{n[0].split('.')[1]}#{n[1]}: {found[n].describe(2)}" for n in nodes)
+
+    with pd.option_context("display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format):
+        print(f"\nPlanted recovery on the demo PM: {n_pairs} held-out single-attribute pairs per attribute, "
+              f"top {args.top} features ablated jointly\n")
+        shown = ["group", "saes", "n_pairs", "accuracy", "margin", "removed", "fraction_removed", "estimated"]
+        print(table[shown].to_string(index=False))
+        print("\nWhat the top 3 features (all 3 SAEs) fire on, the last token left out:")
+        for group, text in fires_on.items():
+            print(f"  {group:>10}: {text}")
+    hits = [g for g in STYLE if everything.loc[g, "fraction_removed"] >= 0.5]
+    print(f"\nstyle attributes with >= 50% of the margin removed (all 3 SAEs): {len(hits)}/5 {hits} "
+          f"(target: >= 4/5) -> {'met' if len(hits) >= 4 else 'MISSED'}")
+    print(f"total time {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
