@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/forward_overhead.py
 	$(PY) benchmarks/attribution_cost.py
 	$(PY) benchmarks/attribution_fidelity.py
+	$(PY) benchmarks/planted_recovery.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
