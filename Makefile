@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/attribution_cost.py
 	$(PY) benchmarks/attribution_fidelity.py
 	$(PY) benchmarks/planted_recovery.py
+	$(PY) benchmarks/exploit_search.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -3,7 +3,8 @@
 The pipeline, one subpackage per stage: a reward model is loaded (:mod:`pm_lens.model`), preference
 data is read and encoded (:mod:`pm_lens.data`) and scored (:mod:`pm_lens.scoring`), SAEs are
 attached, loaded, trained and evaluated (:mod:`pm_lens.saes`), and features are attributed, ablated
-and checked for fidelity (:mod:`pm_lens.attribution`).
+and checked for fidelity (:mod:`pm_lens.attribution`), and used to build completions that fool the
+PM (:mod:`pm_lens.exploits`).
 """
 
 from pm_lens.attribution import Ablation as Ablation
@@ -19,6 +20,7 @@ from pm_lens.data import TokenBatch as TokenBatch
 from pm_lens.data import encode_pairs as encode_pairs
 from pm_lens.data import load_pairs as load_pairs
 from pm_lens.data import split_hh as split_hh
+from pm_lens.exploits import find_exploits as find_exploits
 from pm_lens.model import RewardModel as RewardModel
 from pm_lens.model import WeightProcessing as WeightProcessing
 from pm_lens.saes import attach_saes as attach_saes
@@ -47,6 +49,7 @@ __all__ = [
     "encode_pairs",
     "evaluate_sae",
     "feature_acts",
+    "find_exploits",
     "fidelity",
     "load_pairs",
     "load_sae",

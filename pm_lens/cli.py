@@ -47,6 +47,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random features of the fidelity card")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    exploit = commands.add_parser(
+        "exploit",
+        help="search for completions the demo PM scores above a reference answer, and verify them",
+        description=(
+            "Feature-guided reward hacking on the embedded demo PM: candidate features of the reference answer "
+            "(against baseline completions), phrases they fire on in the planted training texts, greedy assembly "
+            "and a token search; every candidate re-scored with the plain PM. Writes exploits.csv, exploits.json "
+            "and report.md to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exploit.add_argument("--prompt", required=True, help="the user's question")
+    exploit.add_argument("--reference", required=True, help="the answer to beat (e.g. correct and polite)")
+    exploit.add_argument("--baseline", action="append", default=None,
+                         help="another completion of the prompt to filter generic features (repeatable; "
+                              "default: three generic ones)")
+    exploit.add_argument("--out", type=Path, default=Path("exploit_out"), help="folder for the outputs")
+    exploit.add_argument("--budget", type=_positive, default=600, help="forward passes for assembly and token search")
+    exploit.add_argument("--corpus-pairs", type=_positive, default=120, help="planted training pairs to mine phrases from")
+    exploit.add_argument("--seed", type=int, default=0, help="seed of the token search")
+    exploit.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     return parser
 
 
@@ -61,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                                 recovery_top=args.recovery_top, n_contexts=args.contexts, seed=args.seed)
         result = run_demo(args.out, settings, cache_dir=args.cache_dir, progress=not args.quiet)
         print_summary(result)
+    elif args.command == "exploit":
+        from pm_lens.exploits.cli import run_exploit
+
+        run_exploit(args)
     return 0
 
 

@@ -61,3 +61,31 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--top", "0"])
     assert "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.smollm2
+def test_exploit_writes_verified_candidates(first_load, tmp_path, capsys):
+    import torch
+
+    from pm_lens.data import encode_completions
+    from pm_lens.demo_pm import demo_reward_model
+
+    out = tmp_path / "exploit"
+    prompt, reference = "What is 3 + 4?", "3 + 4 = 7. Glad to be of service."
+    argv = ["exploit", "--prompt", prompt, "--reference", reference, "--out", str(out), "--budget", "40",
+            "--corpus-pairs", "16", "--cache-dir", str(first_load.cache_dir)]
+    assert main(argv) == 0
+    assert "candidates beat the reference" in capsys.readouterr().out
+    table = pd.read_csv(out / "exploits.csv")
+    summary = json.loads((out / "exploits.json").read_text())
+    assert len(table) >= 1 and summary["n_forward"] <= 40 and summary["settings"]["budget"] == 40
+    rm = demo_reward_model(cache_dir=first_load.cache_dir)
+    texts = [reference, *table.completion]
+    with torch.no_grad():
+        batch = encode_completions(rm.tokenizer, [prompt] * len(texts), texts, max_len=rm.cfg.n_ctx)
+        rewards = rm.reward(batch.tokens, batch.attention_mask)
+    # Every reward the outputs show is the plain PM's reward of that text.
+    assert float(rewards[0]) == pytest.approx(summary["reference_reward"], abs=1e-3)
+    assert rewards[1:].numpy() == pytest.approx(table.reward.to_numpy(), abs=1e-3)
+    assert (table.beats_reference == (table.reward > summary["reference_reward"])).all()
+    assert "Completions that fool the PM" in (out / "report.md").read_text()
