@@ -27,8 +27,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pandas as pd  # noqa: E402
 
-from pm_lens import attribute, score_pairs  # noqa: E402
+from pm_lens import attribute  # noqa: E402
 from pm_lens.attribution import recover  # noqa: E402
+from pm_lens.attribution.recovery import recovered_features  # noqa: E402
 from pm_lens.demo import held_out_pairs  # noqa: E402
 from pm_lens.demo_pm import DEMO_SAE_HOOKS, demo_reward_model, demo_saes  # noqa: E402
 from pm_lens.saes.contexts import top_contexts  # noqa: E402
@@ -47,7 +48,6 @@ def main() -> None:
     rm = demo_reward_model()
     saes = demo_saes()
     pairs, groups = held_out_pairs(n_pairs)
-    scores = score_pairs(rm, pairs, progress=False)
     attribution = attribute(rm, pairs, saes=saes, skip_first=True)
     rows = []
     hook_sets = [("all 3", None)] + ([] if args.quick else [(h.split(".")[1], [h]) for h in DEMO_SAE_HOOKS])
@@ -56,11 +56,11 @@ def main() -> None:
         table.insert(1, "saes", f"layer {label}" if hooks else label)
         rows.append(table)
     table = pd.concat(rows, ignore_index=True)
-    table["accuracy"] = [float((scores.margin.iloc[groups[g]] > 0).mean()) for g in table.group]
+    table["accuracy"] = [float((attribution.clean_margin[groups[g]] > 0).float().mean()) for g in table.group]
     everything = table[table.saes == "all 3"].set_index("group")
     fires_on = {}
     for group, features in everything.features.items():
-        nodes = [(f.rsplit(":", 1)[0], int(f.rsplit(":", 1)[1])) for f in features.split()[:3]]
+        nodes = recovered_features(features)[:3]
         found = top_contexts(rm, saes, [pairs[i] for i in groups[group]], nodes, n_contexts=1, skip_first=True,
                              skip_last=True, progress=False)
         fires_on[group] = " | ".join(f"L{n[0].split('.')[1]}#{n[1]}: {found[n].describe(2)}" for n in nodes)

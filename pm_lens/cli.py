@@ -15,6 +15,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from pm_lens.demo import OUTPUTS, DemoSettings
 
@@ -39,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="features ranked and confirmed by exact ablation per planted attribute")
     demo.add_argument("--fidelity-top", type=_positive, default=defaults.fidelity_top,
                       help="top features of the whole ranking ablated for the fidelity card")
-    demo.add_argument("--random", type=int, default=defaults.n_random,
+    demo.add_argument("--random", type=_non_negative, default=defaults.n_random,
                       help="other features ablated for the fidelity card's false-negative check")
     demo.add_argument("--recovery-top", type=_positive, default=defaults.recovery_top,
                       help="features ablated jointly per planted attribute in the truth check")

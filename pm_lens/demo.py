@@ -40,6 +40,7 @@ import torch
 
 from pm_lens.attribution import Attribution, attribute, check_fidelity, recover
 from pm_lens.attribution.fidelity import FidelityCard, ablate_like
+from pm_lens.attribution.recovery import recovered_features
 from pm_lens.data import PreferencePair
 from pm_lens.data.planted import PLANTED_ATTRIBUTES, WEIGHTS, make_planted, single_attribute
 from pm_lens.io import write_atomic
@@ -182,7 +183,7 @@ def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair
 def _fires_on(rm: RewardModel, saes: list, pairs: list[PreferencePair], indices: list[int], features: str,
               settings: DemoSettings) -> str:
     """What the first three of a recovery row's features fire on, over the group's pairs."""
-    nodes = [(name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])) for name in features.split()[:3]]
+    nodes = recovered_features(features)[:3]
     if not nodes:
         return ""
     found = top_contexts(rm, saes, [pairs[i] for i in indices], nodes, n_contexts=1, skip_first=True, skip_last=True,

@@ -61,6 +61,9 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--top", "0"])
     assert "must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--random", "-1"])
+    assert "must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.smollm2

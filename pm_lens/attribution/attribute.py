@@ -61,6 +61,8 @@ class Attribution:
         sides: ``{"chosen": ..., "rejected": ...}``, each ``{"features": {hook: [n_pairs, d_sae]},
             "errors": {hook: [n_pairs]}}``: the effects on each side's reward, from which
             :meth:`retarget` recombines any target without running the model again.
+        clean: ``{"chosen": [n_pairs], "rejected": [n_pairs]}`` the rewards with nothing removed
+            (read from the attribution's own clean run).
     """
 
     effects: dict[str, Tensor]
@@ -72,6 +74,12 @@ class Attribution:
     pairs: Sequence[PreferencePair] = field(repr=False)
     saes: dict[str, SAE] = field(repr=False, default_factory=dict)
     sides: dict[str, dict[str, dict[str, Tensor]]] = field(repr=False, default_factory=dict)
+    clean: dict[str, Tensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def clean_margin(self) -> Tensor:
+        """``[n_pairs]`` r(chosen) - r(rejected) with nothing removed."""
+        return self.clean["chosen"] - self.clean["rejected"]
 
     def retarget(self, target: str) -> Attribution:
         """The same attribution for another target ("chosen", "rejected", "margin" or "sum"),
@@ -101,6 +109,7 @@ class Attribution:
             error_effects={n: t[index] for n, t in self.error_effects.items()},
             active={n: rows(t) for n, t in self.active.items()}, total=self.total[index],
             pairs=[self.pairs[i] for i in index.tolist()], sides=sides,
+            clean={side: rewards[index] for side, rewards in self.clean.items()},
         )
 
     @property
@@ -252,7 +261,7 @@ def _side_effects(
 ) -> dict[str, Any]:
     """Per-sequence effects of one side: features ``[batch, d_sae]`` and error ``[batch]`` per hook."""
     names = list(saes)
-    _, xs, grads = run_with_deltas(rm, side, names, with_grad=method == "atp")
+    rewards, xs, grads = run_with_deltas(rm, side, names, with_grad=method == "atp")
     nodes = read_nodes(saes, xs)
     if method == "ig":
         with torch.no_grad():
@@ -264,7 +273,7 @@ def _side_effects(
                                                with_grad=True)
             for n in names:
                 grads[n] += step_grads[n] / ig_steps
-    out: dict[str, Any] = {"features": {}, "errors": {}, "active": {}}
+    out: dict[str, Any] = {"features": {}, "errors": {}, "active": {}, "reward": rewards}
     with torch.no_grad():
         for n in names:
             features, errors = node_effects(grads[n], nodes[n].acts, baselines[n], saes[n].W_dec, nodes[n].error)
@@ -289,11 +298,13 @@ def _assemble(parts: list[list[dict[str, Any]]], baselines: dict[str, Tensor], s
                             "errors": gather(side, "errors")}
     active = {n: (torch.cat([p[0]["active"][n] for p in parts]) | torch.cat([p[1]["active"][n] for p in parts])).cpu()
               for n in names}
+    clean = {side_name: torch.cat([p[side]["reward"] for p in parts]).float().cpu()
+             for side, side_name in enumerate(("chosen", "rejected"))}
     empty = {n: torch.zeros(0) for n in names}
     attribution = Attribution(
         effects=empty, error_effects=empty, active={n: a.to_sparse() for n, a in active.items()}, total=torch.zeros(0),
         baselines={n: b.float().cpu() for n, b in baselines.items()}, settings=settings, pairs=list(pairs),
-        saes=dict(saes), sides=sides,
+        saes=dict(saes), sides=sides, clean=clean,
     )
     return attribution.retarget(settings["target"])
 

@@ -12,8 +12,8 @@ Steps of :func:`recover` (per group):
    oppose it), and take the first ``top_n``;
 2. remove them jointly on the group's pairs (exact ablation, the attribution's own baselines,
    positions and first-token setting); each hook's delta is computed from the clean run;
-3. report the clean mean margin, the exact change, the fraction removed
-   ``-mean(change) / mean(margin)``, and the attribution's own estimate of that change.
+3. report the clean mean margin (from the attribution's own clean run), the exact change, the
+   fraction removed ``-mean(change) / mean(margin)``, and the attribution's own estimate of that change.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from pm_lens.attribution.attribute import Attribution
 from pm_lens.attribution.fidelity import ablate_like
 from pm_lens.model import RewardModel
-from pm_lens.scoring import score_pairs
 
 
 def recover(
@@ -67,14 +66,16 @@ def recover(
         if len(index) == 0 or int(index.min()) < 0 or int(index.max()) >= attribution.n_pairs:
             raise ValueError(f"group {name!r} must hold indices in 0..{attribution.n_pairs - 1}, got {list(group)[:10]}")
         indices[name] = index
-    used = sorted({i for index in indices.values() for i in index.tolist()})
-    scores = score_pairs(rm, [attribution.pairs[i] for i in used], progress=False)
-    margins = dict(zip(used, scores.margin.tolist()))
     rows = []
     for name, index in tqdm(indices.items(), desc="recovering", disable=not progress or len(indices) < 2):
-        margin = sum(margins[i] for i in index.tolist()) / len(index)
+        margin = float(attribution.clean_margin[index].mean())
         rows.append(_recover_group(rm, attribution, name, index, margin, hooks, top_n, batch_tokens))
     return pd.DataFrame(rows)
+
+
+def recovered_features(features: str) -> list[tuple[str, int]]:
+    """The ``(hook_name, index)`` nodes of a recovery row's ``features`` column, best first."""
+    return [(name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])) for name in features.split()]
 
 
 def _recover_group(rm: RewardModel, attribution: Attribution, name: str, index: torch.Tensor, margin: float,

@@ -28,7 +28,7 @@ from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pm_lens.data import PreferencePair, encode_pairs
+from pm_lens.data import PreferencePair, TokenBatch, encode_pairs
 from pm_lens.model import RewardModel
 from pm_lens.saes.attach import feature_acts, saes_attached
 
@@ -118,58 +118,68 @@ def top_contexts(
             raise ValueError(f"no SAE at {hook!r}; the SAEs are at {sorted(by_hook)}")
         if not 0 <= index < by_hook[hook].cfg.d_sae:
             raise ValueError(f"feature {index} does not exist at {hook}: valid are 0..{by_hook[hook].cfg.d_sae - 1}")
-    columns = defaultdict(list)
-    for hook, index in features:
-        columns[hook].append(index)
-    firings: dict[Feature, list[tuple[float, int, int]]] = {f: [] for f in features}  # (act, text, pos)
-    by_token: dict[Feature, dict[int, float]] = {f: defaultdict(float) for f in features}
-    texts: list[tuple[int, str, list[int], int]] = []  # (pair, side, ids, completion_start)
-    n_tokens_seen = 0
-    completion_max = {f: torch.zeros(len(pairs), 2) for f in features}
-    last_sum = {f: 0.0 for f in features}
+    reading = _Reading(features, len(pairs), skip_first=skip_first, skip_last=skip_last)
     starts = range(0, len(pairs), batch_size)
     with saes_attached(rm, list(by_hook.values())):
         for start in tqdm(starts, desc="reading contexts", disable=not progress or len(starts) < 2):
             batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx)
-            for side_index, (side_name, side) in enumerate((("chosen", batch.chosen), ("rejected", batch.rejected))):
+            for side_index, side in enumerate((batch.chosen, batch.rejected)):
                 side = side.to(rm.cfg.device)
-                keep = side.attention_mask.bool()
-                if skip_first:
-                    keep[:, 0] = False
-                acts = feature_acts(rm, side.tokens, side.attention_mask)
-                for row in range(side.tokens.shape[0]):
-                    length = int(side.attention_mask[row].sum())
-                    texts.append((start + row, side_name, side.tokens[row, :length].tolist(), int(side.completion_start[row])))
-                text_offset = len(texts) - side.tokens.shape[0]
-                in_completion = (torch.arange(keep.shape[1], device=keep.device) >= side.completion_start[:, None]) & keep
-                last = side.attention_mask.sum(1) - 1
-                rows = torch.arange(keep.shape[0], device=keep.device)
-                if skip_last:
-                    keep[rows, last] = False
-                n_tokens_seen += int(keep.sum())
-                for hook, indices in columns.items():
-                    hook_acts = acts[hook][..., indices].float()
-                    peaks = (hook_acts * in_completion[..., None]).amax(1).cpu()  # [batch, n_indices]
-                    at_last = hook_acts[rows, last].sum(0).cpu()
-                    for column, index in enumerate(indices):
-                        completion_max[(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
-                        last_sum[(hook, index)] += float(at_last[column])
-                    chosen_acts = (hook_acts * keep[..., None]).cpu()
-                    for row, pos, column in (chosen_acts > 0).nonzero().tolist():
-                        feature = (hook, indices[column])
-                        value = float(chosen_acts[row, pos, column])
-                        firings[feature].append((value, text_offset + row, pos))
-                        token = texts[text_offset + row][2][pos]
-                        by_token[feature][token] = max(by_token[feature][token], value)
-    return {f: _summarise(rm.tokenizer, f, firings[f], by_token[f], texts, n_tokens_seen, n_contexts=n_contexts,
-                          n_tokens=n_tokens, before=before, after=after, completion_max=completion_max[f],
-                          last_token_mean=last_sum[f] / max(1, 2 * len(pairs)))
+                reading.add(start, side_index, side, feature_acts(rm, side.tokens, side.attention_mask))
+    return {f: _summarise(rm.tokenizer, f, reading, n_contexts=n_contexts, n_tokens=n_tokens, before=before, after=after)
             for f in features}
 
 
-def _summarise(tokenizer: Any, feature: Feature, firings: list[tuple[float, int, int]], by_token: dict[int, float],
-               texts: list[Any], n_tokens_seen: int, *, n_contexts: int, n_tokens: int, before: int, after: int,
-               completion_max: Tensor, last_token_mean: float) -> FeatureContexts:
+class _Reading:
+    """What :func:`top_contexts` gathers over the batches: every firing of every feature (the last
+    and first token left out as asked), each token type's strongest firing, each completion's peak,
+    and the activation at each text's last token."""
+
+    def __init__(self, features: list[Feature], n_pairs: int, *, skip_first: bool, skip_last: bool):
+        self.columns: dict[str, list[int]] = defaultdict(list)
+        for hook, index in features:
+            self.columns[hook].append(index)
+        self.skip_first, self.skip_last, self.n_pairs = skip_first, skip_last, n_pairs
+        self.firings: dict[Feature, list[tuple[float, int, int]]] = {f: [] for f in features}  # (act, text, pos)
+        self.by_token: dict[Feature, dict[int, float]] = {f: defaultdict(float) for f in features}
+        self.completion_max = {f: torch.zeros(n_pairs, 2) for f in features}
+        self.last_sum = {f: 0.0 for f in features}
+        self.texts: list[tuple[int, str, list[int], int]] = []  # (pair, side, ids, completion_start)
+        self.n_tokens_seen = 0
+
+    def add(self, start: int, side_index: int, side: TokenBatch, acts: dict[str, Tensor]) -> None:
+        """One side of one batch of pairs (rows ``start...``) and its feature activations."""
+        keep = side.attention_mask.bool()
+        if self.skip_first:
+            keep[:, 0] = False
+        offset = len(self.texts)
+        for row in range(side.tokens.shape[0]):
+            length = int(side.attention_mask[row].sum())
+            self.texts.append((start + row, ("chosen", "rejected")[side_index], side.tokens[row, :length].tolist(),
+                               int(side.completion_start[row])))
+        in_completion = (torch.arange(keep.shape[1], device=keep.device) >= side.completion_start[:, None]) & keep
+        rows, last = torch.arange(keep.shape[0], device=keep.device), side.attention_mask.sum(1) - 1
+        if self.skip_last:
+            keep[rows, last] = False
+        self.n_tokens_seen += int(keep.sum())
+        for hook, indices in self.columns.items():
+            hook_acts = acts[hook][..., indices].float()
+            peaks = (hook_acts * in_completion[..., None]).amax(1).cpu()  # [batch, n_indices]
+            at_last = hook_acts[rows, last].sum(0).cpu()
+            for column, index in enumerate(indices):
+                self.completion_max[(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
+                self.last_sum[(hook, index)] += float(at_last[column])
+            kept = (hook_acts * keep[..., None]).cpu()
+            for row, pos, column in (kept > 0).nonzero().tolist():
+                feature, value = (hook, indices[column]), float(kept[row, pos, column])
+                self.firings[feature].append((value, offset + row, pos))
+                token = self.texts[offset + row][2][pos]
+                self.by_token[feature][token] = max(self.by_token[feature][token], value)
+
+
+def _summarise(tokenizer: Any, feature: Feature, reading: _Reading, *, n_contexts: int, n_tokens: int, before: int,
+               after: int) -> FeatureContexts:
+    firings, texts = reading.firings[feature], reading.texts
     acts_by_text: dict[int, dict[int, float]] = defaultdict(dict)
     for value, text, pos in firings:
         acts_by_text[text][pos] = value
@@ -191,11 +201,11 @@ def _summarise(tokenizer: Any, feature: Feature, firings: list[tuple[float, int,
             acts=[acts_by_text[text].get(p, 0.0) for p in range(lo, hi)], peak=pos - lo,
             completion_start=completion_start - lo,
         ))
-    top = sorted(by_token.items(), key=lambda item: -item[1])[:n_tokens]
+    top = sorted(reading.by_token[feature].items(), key=lambda item: -item[1])[:n_tokens]
     return FeatureContexts(
         hook_name=feature[0], feature=feature[1], contexts=contexts,
         top_tokens=[(tokenizer.decode([token]), value) for token, value in top],
-        firing_rate=len(firings) / max(1, n_tokens_seen),
-        completion_max=completion_max,
-        last_token_mean=last_token_mean,
+        firing_rate=len(firings) / max(1, reading.n_tokens_seen),
+        completion_max=reading.completion_max[feature],
+        last_token_mean=reading.last_sum[feature] / max(1, 2 * reading.n_pairs),
     )

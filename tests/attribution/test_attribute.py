@@ -7,6 +7,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from pm_lens.attribution import ablate, attribute, check_fidelity
+from pm_lens.scoring import score_pairs
 from pm_lens.saes import attach_saes
 
 
@@ -94,6 +95,10 @@ def test_subset_is_the_attribution_of_those_pairs(rm, pairs, saes):
         assert torch.allclose(part.dense_effects(hook), alone.dense_effects(hook), atol=1e-5)
         assert torch.equal(part.active[hook].to_dense(), alone.active[hook].to_dense())
     assert torch.allclose(part.retarget("sum").total, alone.retarget("sum").total, atol=1e-4)
+    assert torch.allclose(part.clean_margin, alone.clean_margin, atol=1e-5)
+    scores = score_pairs(rm, pairs, progress=False)
+    assert full.clean["chosen"].numpy() == pytest.approx(scores.chosen_reward.to_numpy(), abs=1e-4)
+    assert full.clean_margin.numpy() == pytest.approx(scores.margin.to_numpy(), abs=1e-4)
     with pytest.raises(ValueError, match="indices must be"):
         full.subset([3])
 
