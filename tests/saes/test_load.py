@@ -8,6 +8,8 @@ from commit 088e5872957d of the same file. They use ``F.linear`` where the origi
 """
 
 import json
+import re
+from collections import OrderedDict
 
 import huggingface_hub.constants
 import pytest
@@ -439,3 +441,94 @@ def test_directory_of_something_else(tmp_path):
 def test_bad_release_id():
     with pytest.raises(ValueError, match="'release/sae_id' or \\(release, sae_id\\), got 'just-a-release'"):
         load_sae("just-a-release", format="release")
+
+
+# ---- state dicts in memory, other source types, non-finite weights ---------------------------
+
+
+@pytest.mark.parametrize("dict_class", list(STATE_DICTS))
+def test_state_dict_in_memory_matches_the_checkpoint(dict_class, tmp_path):
+    sd = STATE_DICTS[dict_class]()
+    encode, _ = REFERENCE[dict_class]
+    x = inputs(sd)
+    from_memory = load_sae(OrderedDict(sd), hook_name=HOOK)  # what ae.state_dict() returns
+    from_file = load_sae(save(sd, tmp_path), hook_name=HOOK)
+
+    assert type(from_memory) is LAYOUTS[dict_class].sae_class
+    assert from_memory.cfg.metadata.hook_name == HOOK
+    torch.testing.assert_close(from_memory.encode(x), encode(sd, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_memory(x), from_file(x), atol=0, rtol=0)
+
+
+def test_state_dict_in_memory_needs_a_hook_name():
+    message = "no hook name for the state dict passed as source: .*no config.json.*hook_name="
+    with pytest.raises(ValueError, match=message):
+        load_sae(gated_state_dict())
+
+
+def test_state_dict_in_memory_must_hold_tensors():
+    sd = gated_state_dict()
+    sd["step"] = 3
+    with pytest.raises(TypeError, match=r"must map names \(str\) to tensors; got 'step': int"):
+        load_sae(sd, hook_name=HOOK)
+
+
+def test_state_dict_in_memory_is_only_a_dictionary_learning_source():
+    message = "a state dict is for dictionary_learning checkpoints only, not format='saelens'"
+    with pytest.raises(ValueError, match=message):
+        load_sae(gated_state_dict(), hook_name=HOOK, format="saelens")
+
+
+ALLOWED_SOURCES = (
+    "source must be a path (str or Path), a SAELens release ('release/sae_id' or (release, sae_id)) "
+    "or a dictionary_learning state dict (a mapping from names to tensors), not "
+)
+
+
+@pytest.mark.parametrize(
+    "make_source, named",
+    [
+        (lambda: 5, "int"),
+        (lambda: None, "NoneType"),
+        (lambda: b"ae.pt", "bytes"),
+        (lambda: torch.nn.Linear(2, 2), "Linear; for a dictionary_learning module pass its state_dict()"),
+        (lambda: tiny_saelens_sae(), "JumpReLUSAE; it is already a SAELens SAE: use it as it is"),
+    ],
+)
+def test_unsupported_source_types_name_the_type_and_what_is_allowed(make_source, named):
+    with pytest.raises(TypeError, match=re.escape(ALLOWED_SOURCES + named)):
+        load_sae(make_source(), hook_name=HOOK)
+
+
+def test_non_finite_weights_are_refused_from_every_source(tmp_path, monkeypatch):
+    sd = gated_state_dict()
+    sd["mag_bias"][3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values in mag_bias"):
+        load_sae(save(sd, tmp_path), hook_name=HOOK)
+    with pytest.raises(ValueError, match="NaN or infinite values in mag_bias"):
+        load_sae(sd, hook_name=HOOK)
+
+    sae = tiny_saelens_sae()
+    with torch.no_grad():
+        sae.threshold[0] = float("inf")
+    sae.save_model(tmp_path / "sae")
+    with pytest.raises(ValueError, match=r"the SAE from '.*sae' has NaN or infinite values in threshold$"):
+        load_sae(tmp_path / "sae")
+    monkeypatch.setattr(SAE, "from_pretrained", lambda release, sae_id: sae)
+    message = "the SAE from 'some-release/some-id' has NaN or infinite values in threshold"
+    with pytest.raises(ValueError, match=message):
+        load_sae("some-release/some-id", format="release")
+
+
+def test_dtype_that_overflows_the_weights_is_refused():
+    sd = jumprelu_state_dict()
+    sd["b_dec"][0] = 1e6  # beyond float16's largest value, 65504
+    with pytest.raises(ValueError, match="NaN or infinite values in b_dec after conversion to torch.float16"):
+        load_sae(sd, hook_name=HOOK, dtype=torch.float16)
+
+
+def test_normalize_decoder_refuses_all_zero_decoder_vectors():
+    sd = jumprelu_state_dict()
+    sd["W_dec"][[2, 7]] = 0.0  # would divide by a zero norm
+    with pytest.raises(ValueError, match=r"features \[2, 7\] \(2 in all\) have all-zero decoder vectors"):
+        load_sae(sd, hook_name=HOOK, normalize_decoder=True)
