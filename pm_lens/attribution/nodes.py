@@ -10,47 +10,48 @@ hooks through the model itself (each hook is the identity for the gradient, as i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
 from pm_lens.data import TokenBatch
 from pm_lens.model import RewardModel
 from pm_lens.saes.attach import attach_saes, attached_saes, check_saes, detach_saes
+from pm_lens.saes.split import SAENodes, split
 
 
-@dataclass(frozen=True)
-class Nodes:
-    """One hook's activation split by its SAE: ``x = acts @ W_dec + b_dec + error``."""
-
-    x: Float[Tensor, "batch pos d_in"]
-    acts: Float[Tensor, "batch pos d_sae"]
-    error: Float[Tensor, "batch pos d_in"]
+Nodes = SAENodes  # one hook's activation split by its SAE (see pm_lens.saes.split)
 
 
-def resolve_saes(rm: RewardModel, saes: SAE | Sequence[SAE] | None) -> dict[str, SAE]:
-    """The SAEs to use, by hook name: the given ones, else those attached to ``rm``."""
+def resolve_saes(rm: RewardModel, saes: SAE | Iterable[Any] | Mapping[str, Any] | None) -> dict[str, SAE]:
+    """The SAEs to use, by hook name: the given ones (one SAE, a list, or a dict by hook name),
+    else those attached to ``rm``. Several SAEs for one hook are refused."""
     if saes is None:
         found = attached_saes(rm)
         if not found:
             raise ValueError("no SAEs: pass saes=[...] or attach them first with pm_lens.saes.attach_saes")
         return found
-    saes = [saes] if isinstance(saes, SAE) else list(saes)
+    if isinstance(saes, Mapping):
+        saes = list(saes.values())
+    elif isinstance(saes, SAE):
+        saes = [saes]
+    elif isinstance(saes, (str, bytes)) or not isinstance(saes, Iterable):
+        raise TypeError(f"saes must be an SAE or a list of SAEs, got {type(saes).__name__}")
+    saes = list(saes)
     if not saes:
         raise ValueError("no SAEs: saes is empty")
-    by_hook = {sae.cfg.metadata.hook_name: sae for sae in saes}
-    for name, sae in by_hook.items():
-        if getattr(sae.cfg, "normalize_activations", "none") != "none" or getattr(sae, "hook_z_reshaping_mode", False):
-            raise ValueError(
-                f"SAE for {name} normalises or reshapes its input ({sae.cfg.normalize_activations!r}); "
-                "attribution needs a decoder linear in the features: fold the normalisation first"
-            )
-    return by_hook
+    not_saes = [type(sae).__name__ for sae in saes if not isinstance(sae, SAE)]
+    if not_saes:
+        raise TypeError(f"saes must be SAELens SAE objects, got {', '.join(not_saes)}; load one with pm_lens.load_sae(...)")
+    names = [sae.cfg.metadata.hook_name for sae in saes]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"several SAEs for the same hook point(s) {duplicates}; give one SAE per hook")
+    return dict(zip(names, saes))
 
 
 @contextmanager
@@ -77,14 +78,9 @@ def plain_model(rm: RewardModel, saes: Mapping[str, SAE]) -> Iterator[None]:
 
 
 def read_nodes(saes: Mapping[str, SAE], xs: Mapping[str, Tensor]) -> dict[str, Nodes]:
-    """Encode each hook's activation with its SAE (no gradient)."""
-    nodes = {}
+    """Split each hook's activation (in the hook's layout) into its SAE's nodes (no gradient)."""
     with torch.no_grad():
-        for name, sae in saes.items():
-            x = xs[name]
-            acts = sae.encode(x)
-            nodes[name] = Nodes(x=x, acts=acts, error=x - sae.decode(acts))
-    return nodes
+        return {name: split(sae, xs[name]) for name, sae in saes.items()}
 
 
 def run_with_deltas(
@@ -101,7 +97,7 @@ def run_with_deltas(
     """Run the reward model, adding ``deltas[hook]`` to the activation at each hook.
 
     A delta is a tensor, or a function of the activation as it arrives in this run (for removals
-    that depend on what earlier hooks changed).
+    that depend on what earlier hooks changed), flat (``[..., d_in]``) or in the hook's layout.
 
     Returns the rewards ``[batch]``, the activation at every hook in ``hook_names`` (after its
     delta), and, with ``with_grad``, d(sum of rewards)/d(hook output) for each hook. With
@@ -115,7 +111,8 @@ def run_with_deltas(
     def hook_fn(act: Tensor, hook) -> Tensor:  # noqa: ANN001
         if hook.name in deltas:
             delta = deltas[hook.name]
-            act = act + (delta(act) if callable(delta) else delta)
+            # Deltas are flat ([..., d_in]); per-head activations are [..., n_heads, d_head].
+            act = act + (delta(act) if callable(delta) else delta).reshape(act.shape)
         seen[hook.name] = act.detach()
         if with_grad:
             leaves[hook.name] = torch.zeros_like(act, requires_grad=True)

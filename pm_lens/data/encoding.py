@@ -1,9 +1,16 @@
 """Turning prompts and completions into padded token batches a reward model can read.
 
-Formatting: the tokenizer's chat template when it has one (the prompt's turns as user and
-assistant messages, the completion as the last assistant message); otherwise the HH-RLHF plain
-template ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {completion}"``, which reproduces an HH
-transcript exactly.
+Formatting is an explicit choice, ``text_format`` (:data:`TEXT_FORMATS`), recorded with every
+result, because a PM scored on text laid out otherwise than in its training sees other text:
+
+- ``"hh"``: the HH-RLHF plain template ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {completion}"``
+  (an HH transcript prompt is kept as it is, so an HH pair reproduces its transcript exactly);
+- ``"chat_template"``: the tokenizer's chat template, the prompt's turns as user and assistant
+  messages and the completion as the last assistant message (some templates add a system prompt);
+- ``"raw"``: ``prompt + completion``, nothing added (the data carries its own layout);
+- ``"auto"`` (the default): ``"hh"`` for a prompt that is an HH transcript (it has
+  ``"\\n\\nHuman:"``) or when the tokenizer has no chat template, else ``"chat_template"``.
+  HH data therefore keeps its text; :func:`describe_text_format` says what ``"auto"`` chose.
 
 Encoding: each text is tokenized on its own, then padded to the longest in the batch (right or
 left) with an attention mask. The first completion token of every row is recorded, so later
@@ -21,7 +28,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from pm_lens.data.pairs import ASSISTANT, HUMAN, PreferencePair, hh_turns
+from pm_lens.data.pairs import ASSISTANT, HUMAN, PairsLike, as_pairs, hh_turns
+
+
+# Each sequence's first token is left out of SAE training, attribution, ablation, contexts and SAE
+# evaluation by default (``skip_first``): in most PMs (Llama, Mistral, Qwen, Gemma bodies) it is an
+# attention sink whose residual norm is tens to hundreds of times the others', which wrecks SAEs
+# there and lets its features rank first for reasons that have nothing to do with the text.
+SKIP_FIRST = True
 
 
 @dataclass(frozen=True)
@@ -41,11 +55,11 @@ class TokenBatch:
     def to(self, device: str | torch.device) -> "TokenBatch":
         return TokenBatch(self.tokens.to(device), self.attention_mask.to(device), self.completion_start.to(device))
 
-    def kept(self, *, exclude_first: bool = False, exclude_token_ids: Sequence[int] = ()) -> Tensor:
-        """``[batch, pos]`` bool: real tokens, less each row's first one (``exclude_first``, left or
+    def kept(self, *, skip_first: bool = False, exclude_token_ids: Sequence[int] = ()) -> Tensor:
+        """``[batch, pos]`` bool: real tokens, less each row's first one (``skip_first``, left or
         right padding) and tokens in ``exclude_token_ids``."""
         keep = self.attention_mask != 0
-        if exclude_first:
+        if skip_first:
             first = keep.int().argmax(dim=-1)
             keep[torch.arange(keep.shape[0], device=keep.device), first] = False
         if exclude_token_ids:
@@ -64,17 +78,58 @@ class PairBatch:
         return PairBatch(self.chosen.to(device), self.rejected.to(device))
 
 
-def format_text(tokenizer: Any, prompt: str, completion: str) -> str:
-    """The model input for ``completion`` answering ``prompt`` (chat template or HH plain text).
+TEXT_FORMATS = ("auto", "chat_template", "hh", "raw")
+
+
+def check_text_format(text_format: str) -> None:
+    if text_format not in TEXT_FORMATS:
+        raise ValueError(f"text_format must be one of {TEXT_FORMATS}, got {text_format!r}")
+
+
+def resolve_text_format(tokenizer: Any, prompt: str, text_format: str = "auto") -> str:
+    """The concrete format (``"chat_template"``, ``"hh"`` or ``"raw"``) of one prompt."""
+    check_text_format(text_format)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if text_format == "chat_template" and not has_template:
+        raise ValueError("text_format='chat_template' but the tokenizer has no chat template; use 'hh' or 'raw'")
+    if text_format != "auto":
+        return text_format
+    return "chat_template" if has_template and HUMAN not in prompt else "hh"
+
+
+def adds_special_tokens(tokenizer: Any, prompt: str, text_format: str = "auto") -> bool:
+    """Whether the tokenizer adds its special tokens (e.g. BOS) to the formatted text: not for a
+    chat template, which writes its own."""
+    return resolve_text_format(tokenizer, prompt, text_format) != "chat_template"
+
+
+def describe_text_format(tokenizer: Any, prompts: Sequence[str], text_format: str = "auto") -> str:
+    """What ``text_format`` does to ``prompts``, for the record: the concrete format, or for a
+    mix, how many prompts got each (e.g. ``"auto: hh for 3, chat_template for 5"``)."""
+    counts: dict[str, int] = {}
+    for prompt in prompts:
+        chosen = resolve_text_format(tokenizer, prompt, text_format)
+        counts[chosen] = counts.get(chosen, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return f"{text_format}: " + ", ".join(f"{name} for {n}" for name, n in sorted(counts.items()))
+
+
+def format_text(tokenizer: Any, prompt: str, completion: str, *, text_format: str = "auto") -> str:
+    """The model input for ``completion`` answering ``prompt`` in ``text_format`` (see the module
+    docstring).
 
     Raises ValueError for an empty (or whitespace-only) completion: its reward would be read
     at a template token and mean nothing.
     """
     if not completion.strip():
         raise ValueError(f"empty completion for prompt {prompt[:60]!r}: a reward needs a completion to read")
-    if getattr(tokenizer, "chat_template", None):
+    chosen = resolve_text_format(tokenizer, prompt, text_format)
+    if chosen == "chat_template":
         messages = hh_turns(prompt) + [{"role": "assistant", "content": completion}]
         return tokenizer.apply_chat_template(messages, tokenize=False)
+    if chosen == "raw":
+        return prompt + completion
     return _plain_template(prompt, completion)
 
 
@@ -100,10 +155,12 @@ def encode_completions(
     max_len: int,
     padding_side: str = "right",
     truncate: bool = False,
+    text_format: str = "auto",
 ) -> TokenBatch:
     """Format and tokenize each (prompt, completion) and pad them into one batch.
 
     Args:
+        text_format: how prompt and completion are laid out (see the module docstring).
         max_len: the model's context (``rm.cfg.n_ctx``). A longer text raises a ValueError
             naming it, unless ``truncate``: then the start of the prompt is cut (the reward is
             read at the end) and a warning says how many texts were cut.
@@ -115,9 +172,10 @@ def encode_completions(
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
         raise ValueError("nothing to encode: no prompts")
+    check_text_format(text_format)
     rows, starts, cut = [], [], 0
     for index, (prompt, completion) in enumerate(zip(prompts, completions)):
-        ids, start = _encode_one(tokenizer, prompt, completion)
+        ids, start = _encode_one(tokenizer, prompt, completion, text_format)
         if _too_long(ids, max_len, truncate, index, "the start of the prompt"):
             ids, start, cut = ids[-max_len:], max(0, start - (len(ids) - max_len)), cut + 1
         rows.append(ids)
@@ -172,26 +230,27 @@ def _too_long(ids: list[int], max_len: int, truncate: bool, index: int, what_is_
 
 def encode_pairs(
     tokenizer: Any,
-    pairs: Sequence[PreferencePair],
+    pairs: PairsLike,
     *,
     max_len: int,
     padding_side: str = "right",
     truncate: bool = False,
+    text_format: str = "auto",
 ) -> PairBatch:
     """Encode the chosen and the rejected side of ``pairs`` (see :func:`encode_completions`)."""
+    pairs = as_pairs(pairs)
     prompts = [pair.prompt for pair in pairs]
-    kwargs = dict(max_len=max_len, padding_side=padding_side, truncate=truncate)
+    kwargs = dict(max_len=max_len, padding_side=padding_side, truncate=truncate, text_format=text_format)
     return PairBatch(
         chosen=encode_completions(tokenizer, prompts, [p.chosen for p in pairs], **kwargs),
         rejected=encode_completions(tokenizer, prompts, [p.rejected for p in pairs], **kwargs),
     )
 
 
-def _encode_one(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
+def _encode_one(tokenizer: Any, prompt: str, completion: str, text_format: str) -> tuple[list[int], int]:
     """Token ids of the formatted text and the index of the first completion token."""
-    text = format_text(tokenizer, prompt, completion)
-    # A chat template writes its own special tokens; a plain text gets the tokenizer's (e.g. BOS).
-    add_special = not getattr(tokenizer, "chat_template", None)
+    text = format_text(tokenizer, prompt, completion, text_format=text_format)
+    add_special = adds_special_tokens(tokenizer, prompt, text_format)
     char_start = text.rfind(completion)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)

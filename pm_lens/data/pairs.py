@@ -43,6 +43,42 @@ class PreferencePair:
                 raise TypeError(f"PreferencePair.{name} must be a str, got {type(getattr(self, name)).__name__}")
 
 
+# What pm_lens accepts wherever it takes pairs (see :func:`as_pairs`); the items are checked there.
+PairsLike = PreferencePair | Iterable[Any]
+
+
+def as_pairs(pairs: Any, *, name: str = "pairs") -> list[PreferencePair]:
+    """``pairs`` as a non-empty list of :class:`PreferencePair`.
+
+    Accepts one pair, or a sequence whose items are pairs, ``(prompt, chosen, rejected)`` tuples
+    or records with ``chosen``/``rejected`` (and ``prompt``) fields, as :func:`pairs_from_records`
+    reads them. Anything else raises a TypeError naming what was given and what is allowed.
+    """
+    item_kinds = "a PreferencePair, a (prompt, chosen, rejected) tuple of strings or a dict with 'chosen' and 'rejected'"
+    allowed = f"a PreferencePair or a list whose items are each {item_kinds}"
+    if isinstance(pairs, PreferencePair):
+        return [pairs]
+    if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Iterable):
+        raise TypeError(f"{name} must be {allowed}; got {type(pairs).__name__}")
+    out = []
+    for index, item in enumerate(pairs):
+        if isinstance(item, PreferencePair):
+            out.append(item)
+        elif isinstance(item, tuple) and len(item) == 3 and all(isinstance(text, str) for text in item):
+            out.append(PreferencePair(*item))
+        elif isinstance(item, Mapping):
+            try:
+                out.append(_pair_from_record(item))
+            except (KeyError, ValueError, TypeError) as err:
+                raise ValueError(f"{name}[{index}]: {err}") from err
+        else:
+            shown = f"a tuple of {len(item)}" if isinstance(item, tuple) else type(item).__name__
+            raise TypeError(f"{name}[{index}] is {shown}; each item must be {item_kinds}")
+    if not out:
+        raise ValueError(f"no {name}: the list is empty")
+    return out
+
+
 def split_hh(chosen: str, rejected: str) -> PreferencePair:
     """Split two HH-RLHF transcripts into their shared prompt and the two final responses.
 

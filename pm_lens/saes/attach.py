@@ -25,12 +25,14 @@ from sae_lens import SAE
 from torch import Tensor
 
 from pm_lens.model import RewardModel
+from pm_lens.saes.split import check_sae
 
 FEATURE_HOOK = "hook_sae_acts_post"
 
 
-def hook_widths(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, int]:
-    """The width of the activation at each hook (last dim; heads x d_head for ``hook_z``).
+def hook_shapes(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The trailing shape of the activation at each hook: ``(d,)``, or ``(n_heads, d_head)`` for
+    per-head hooks such as ``attn.hook_z``.
 
     Runs the model on two tokens; raises a ValueError for names that are not hook points,
     listing some that are.
@@ -38,10 +40,10 @@ def hook_widths(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, int]:
     unknown = [name for name in hook_names if name not in rm.hook_dict]
     if unknown:
         raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {example_hooks(rm)}")
-    shapes: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def record(act: Tensor, hook: Any) -> None:
-        shapes[hook.name] = act.shape[-2] * act.shape[-1] if hook.name.endswith("hook_z") else act.shape[-1]
+        shapes[hook.name] = tuple(act.shape[2:])
 
     tokens = torch.zeros((1, 2), dtype=torch.long, device=rm.cfg.device)
     with torch.no_grad():
@@ -71,26 +73,29 @@ def example_hooks(rm: RewardModel) -> list[str]:
 
 
 def check_saes(rm: RewardModel, saes: Sequence[SAE]) -> None:
-    """Raise a ValueError if any SAE cannot be attached to ``rm``: unknown or duplicate hook
-    name, an SAE already attached there, ``d_in`` that does not fit, another dtype or device."""
+    """Raise a ValueError if any SAE cannot be attached to ``rm`` or split into nodes: not an SAE,
+    no or unknown hook name, several SAEs for one hook, an SAE already attached there, another
+    dtype or device, or what :func:`pm_lens.saes.split.check_sae` refuses (width, kind, weights)."""
+    not_saes = [type(sae).__name__ for sae in saes if not isinstance(sae, SAE)]
+    if not_saes:
+        raise TypeError(f"expected SAELens SAE objects, got {', '.join(not_saes)}; load one with pm_lens.load_sae(...)")
     names = [sae.cfg.metadata.hook_name for sae in saes]
     if None in names:
         raise ValueError("an SAE has no hook name: set it in its config (SAEMetadata(hook_name=...))")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"several SAEs for the same hook point(s) {duplicates}; attach one SAE per hook")
+        raise ValueError(f"several SAEs for the same hook point(s) {duplicates}; give one SAE per hook")
     attached = [name for name in names if name in rm.acts_to_saes]
     if attached:
         raise ValueError(f"an SAE is already attached at {attached}; detach it first (detach_saes)")
-    widths = hook_widths(rm, names)
+    shapes = hook_shapes(rm, names)
     param = next(rm.parameters())
     for sae, name in zip(saes, names):
-        if sae.cfg.d_in != widths[name]:
-            raise ValueError(f"SAE for {name} has d_in={sae.cfg.d_in}, but the activation there has width {widths[name]}")
         if sae.W_dec.dtype != param.dtype:
             raise ValueError(f"SAE for {name} is {sae.W_dec.dtype} but the model is {param.dtype}; use sae.to({param.dtype})")
         if sae.W_dec.device != param.device:
             raise ValueError(f"SAE for {name} is on {sae.W_dec.device} but the model is on {param.device}; use sae.to('{param.device}')")
+        check_sae(sae, shapes[name], name=name)
 
 
 def attach_saes(

@@ -28,7 +28,7 @@ from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pm_lens.data import PreferencePair, TokenBatch, encode_pairs
+from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs, encode_pairs
 from pm_lens.model import RewardModel
 from pm_lens.saes.attach import feature_acts, saes_attached
 
@@ -88,15 +88,15 @@ class FeatureContexts:
 
 def top_contexts(
     rm: RewardModel,
-    saes: Sequence[SAE],
-    pairs: Sequence[PreferencePair],
-    features: Sequence[Feature],
+    saes: SAE | Sequence[SAE],
+    pairs: PairsLike,
+    features: Sequence[Feature] | Feature,
     *,
     n_contexts: int = 5,
     n_tokens: int = 5,
     before: int = 12,
     after: int = 4,
-    skip_first: bool = False,
+    skip_first: bool = SKIP_FIRST,
     skip_last: bool = False,
     batch_size: int = 8,
     progress: bool = True,
@@ -111,7 +111,13 @@ def top_contexts(
         skip_first: ignore each text's first token.
         skip_last: keep each text's last token out of the contexts, top tokens and firing rate.
     """
-    by_hook = {sae.cfg.metadata.hook_name: sae for sae in saes}
+    pairs = as_pairs(pairs)
+    by_hook = {sae.cfg.metadata.hook_name: sae for sae in ([saes] if isinstance(saes, SAE) else saes)}
+    if isinstance(features, tuple) and len(features) == 2 and isinstance(features[0], str):
+        features = [features]  # one (hook_name, index)
+    bad = [f for f in features if not (isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], str))]
+    if bad:
+        raise TypeError(f"features must be (hook_name, index) pairs, got {bad[0]!r}")
     features = [(str(hook), int(index)) for hook, index in features]
     for hook, index in features:
         if hook not in by_hook:
@@ -122,7 +128,8 @@ def top_contexts(
     starts = range(0, len(pairs), batch_size)
     with saes_attached(rm, list(by_hook.values())):
         for start in tqdm(starts, desc="reading contexts", disable=not progress or len(starts) < 2):
-            batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx)
+            batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx,
+                                 text_format=rm.text_format)
             for side_index, side in enumerate((batch.chosen, batch.rejected)):
                 side = side.to(rm.cfg.device)
                 reading.add(start, side_index, side, feature_acts(rm, side.tokens, side.attention_mask))

@@ -14,8 +14,13 @@ SAE (and for all of them together) :func:`evaluate_sae` reports:
 
 Steps, per batch of pairs and for each side (chosen, rejected):
 1. one clean forward caches the activation at every SAE's hook and the reward;
-2. each SAE encodes and decodes the cached activations: L0, FVU and firing counts;
-3. each SAE alone, then all together, replace their activations (no error term): rewards.
+2. each SAE encodes and decodes the cached activations at the kept tokens: L0, FVU and firing
+   counts;
+3. each SAE alone, then all together, replace their activations at the kept tokens with their
+   reconstruction ``decode(encode(x))`` (no error term; other tokens pass through): rewards.
+
+Kept tokens are real tokens less each sequence's first (``skip_first``, the default everywhere in
+pm_lens, ``pm_lens.data.SKIP_FIRST``) and ``exclude_token_ids``: the SAE is judged where it is used.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pm_lens.data import PreferencePair, TokenBatch, encode_pairs
+from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs, encode_pairs
 from pm_lens.model import RewardModel
-from pm_lens.saes.attach import check_saes, saes_attached
+from pm_lens.saes.attach import check_saes
+from pm_lens.saes.split import split
 
 ALL = "all"
 
@@ -85,59 +91,74 @@ class _TokenStats:
 def evaluate_sae(
     rm: RewardModel,
     sae_or_saes: SAE | Sequence[SAE],
-    pairs: Sequence[PreferencePair],
+    pairs: PairsLike,
     *,
     batch_size: int = 8,
+    skip_first: bool = SKIP_FIRST,
     exclude_token_ids: Sequence[int] = (),
     truncate: bool = False,
     progress: bool = True,
 ) -> SAEEvaluation:
     """Measure SAEs on ``pairs`` in reward space (see the module docstring for the metrics).
 
-    The SAEs must not be attached already; each is spliced in and removed again. Token statistics
-    use real tokens only (padding and ``exclude_token_ids`` are left out; the SAEs are bypassed
-    at the excluded tokens when they replace activations, too).
+    The SAEs must not be attached already. Token statistics and replacements use the kept tokens
+    only: real tokens, less each sequence's first (``skip_first``) and ``exclude_token_ids``.
     """
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
     if not saes:
         raise ValueError("no SAEs to evaluate")
-    if not pairs:
-        raise ValueError("no pairs to evaluate on")
+    pairs = as_pairs(pairs)
     if rm.tokenizer is None:
         raise ValueError("the reward model has no tokenizer; pass one to RewardModel.from_hf(hf_model, tokenizer)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_saes(rm, saes)
     names = [sae.cfg.metadata.hook_name for sae in saes]
+    by_hook = dict(zip(names, saes))
     stats = {name: _TokenStats(sae.cfg.d_in, sae.cfg.d_sae) for name, sae in zip(names, saes)}
-    variants = {name: [sae] for name, sae in zip(names, saes)} | ({ALL: saes} if len(saes) > 1 else {})
+    variants = {name: [name] for name in names} | ({ALL: names} if len(saes) > 1 else {})
     rewards: dict[str, dict[str, list[Tensor]]] = {key: {"chosen": [], "rejected": []} for key in ["clean", *variants]}
 
     starts = range(0, len(pairs), batch_size)
     for start in tqdm(starts, desc="evaluating SAEs", disable=not progress or len(starts) < 2):
-        batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx, truncate=truncate)
+        batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx, truncate=truncate,
+                             text_format=rm.text_format)
         for side_name, side in (("chosen", batch.chosen), ("rejected", batch.rejected)):
             side = side.to(rm.cfg.device)
             clean = _cache_and_reward(rm, side, names)
             rewards["clean"][side_name].append(clean.pop("reward"))
-            keep = side.kept(exclude_token_ids=exclude_token_ids)
+            keep = side.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids)
             for name, sae in zip(names, saes):
-                x = clean[name][keep]
-                feature_acts = sae.encode(x)
-                stats[name].add(x, feature_acts, sae.decode(feature_acts))
+                nodes = split(sae, clean[name][keep])
+                stats[name].add(nodes.x, nodes.acts, nodes.x - nodes.error)
             for key, group in variants.items():
-                with saes_attached(rm, group, use_error_term=False, exclude_token_ids=exclude_token_ids):
-                    rewards[key][side_name].append(rm.reward(side.tokens, side.attention_mask).float().cpu())
+                rewards[key][side_name].append(_replaced_reward(rm, side, {n: by_hook[n] for n in group}, keep))
     return _tables(rewards, stats, {name: sae.cfg.d_sae for name, sae in zip(names, saes)})
 
 
 def _cache_and_reward(rm: RewardModel, side: TokenBatch, names: list[str]) -> dict[str, Tensor]:
+    """The reward and each hook's activation (in the hook's layout) of one clean forward."""
     cached: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook) -> None:  # noqa: ANN001
-        cached[hook.name] = act.flatten(-2) if hook.name.endswith("hook_z") else act
+        cached[hook.name] = act
 
     with rm.hooks(fwd_hooks=[(name, keep) for name in names]):
         cached["reward"] = rm.reward(side.tokens, side.attention_mask).float().cpu()
     return cached
+
+
+def _replaced_reward(rm: RewardModel, side: TokenBatch, saes: dict[str, SAE], keep: Tensor) -> Tensor:
+    """Rewards with each SAE's reconstruction in place of its activation at the ``keep`` tokens."""
+
+    def replace(act: Tensor, hook) -> Tensor:  # noqa: ANN001
+        sae = saes[hook.name]
+        reconstruction = sae.decode(sae.encode(act)).to(act.dtype)
+        where = keep.reshape(*keep.shape, *([1] * (act.ndim - 2)))
+        return torch.where(where, reconstruction, act)
+
+    with rm.hooks(fwd_hooks=[(name, replace) for name in saes]):
+        return rm.reward(side.tokens, side.attention_mask).float().cpu()
 
 
 def _tables(rewards: dict[str, dict[str, list[Tensor]]], stats: dict[str, _TokenStats], d_sae: dict[str, int]) -> SAEEvaluation:

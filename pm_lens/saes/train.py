@@ -55,7 +55,7 @@ from sae_lens.training.activation_scaler import ActivationWhitening
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pm_lens.data import PreferencePair, TokenBatch, encode_pairs, encode_texts
+from pm_lens.data import SKIP_FIRST, PreferencePair, TokenBatch, encode_pairs, encode_texts
 from pm_lens.io import write_atomic
 from pm_lens.saes.attach import example_hooks, stop_layer
 from pm_lens.model import RewardModel
@@ -152,7 +152,7 @@ def train_saes(
     batch_size: int = 1024,
     lr: float | int | None = None,
     max_tokens: int | None = None,
-    exclude_first: bool = True,
+    skip_first: bool = SKIP_FIRST,
     exclude_token_ids: Sequence[int] = (),
     forward_batch_size: int = 8,
     truncate: bool = False,
@@ -179,7 +179,8 @@ def train_saes(
         batch_size: tokens per step, capped at the number of tokens collected.
         lr: Adam's learning rate; default ``2e-4 * sqrt(16384 / d_sae)`` (EleutherAI ``sparsify``).
         max_tokens: stop collecting after this many tokens.
-        exclude_first: leave out the first real token of every sequence (BOS-like, huge norm).
+        skip_first: leave out the first real token of every sequence (an attention sink with a huge
+            norm in most PMs; the default everywhere, ``pm_lens.data.SKIP_FIRST``).
         exclude_token_ids: leave out tokens with these ids too.
         forward_batch_size: sequences per forward pass while collecting.
         truncate: cut sequences longer than the context instead of raising (texts keep their
@@ -191,7 +192,7 @@ def train_saes(
     _check_arguments(rm, hook_names, d_sae=d_sae, k=k, normalize_activations=normalize_activations,
                      n_epochs=n_epochs, training_tokens=training_tokens, batch_size=batch_size,
                      max_tokens=max_tokens, lr=lr)
-    acts = collect_activations(rm, data, hook_names=hook_names, max_tokens=max_tokens, exclude_first=exclude_first,
+    acts = collect_activations(rm, data, hook_names=hook_names, max_tokens=max_tokens, skip_first=skip_first,
                                exclude_token_ids=exclude_token_ids, batch_size=forward_batch_size,
                                truncate=truncate, progress=progress)
     n_tokens = next(iter(acts.values())).shape[0]
@@ -209,7 +210,7 @@ def train_saes(
         saes[name] = sae.to(dtype)
     stats = pd.DataFrame(rows).set_index("hook_name")
     arguments = dict(hook_names=list(hook_names), n_epochs=n_epochs, training_tokens=training_tokens,
-                     max_tokens=max_tokens, exclude_first=exclude_first, exclude_token_ids=list(exclude_token_ids),
+                     max_tokens=max_tokens, skip_first=skip_first, exclude_token_ids=list(exclude_token_ids),
                      forward_batch_size=forward_batch_size, truncate=truncate)
     config = _run_config(rm, data, plan, arguments, stats)
     if out_dir is not None:
@@ -279,7 +280,7 @@ def collect_activations(
     *,
     hook_names: Sequence[str],
     max_tokens: int | None = None,
-    exclude_first: bool = True,
+    skip_first: bool = SKIP_FIRST,
     exclude_token_ids: Sequence[int] = (),
     batch_size: int = 8,
     truncate: bool = False,
@@ -289,7 +290,7 @@ def collect_activations(
 
     One forward per ``batch_size`` sequences fills every hook, stopped after the last block
     needed. Kept are real tokens (attention mask), less the first of each sequence if
-    ``exclude_first`` and ``exclude_token_ids``, at most ``max_tokens``. ``attn.hook_z`` is
+    ``skip_first`` and ``exclude_token_ids``, at most ``max_tokens``. ``attn.hook_z`` is
     flattened to ``n_heads * d_head``.
     """
     chunks: dict[str, list[Tensor]] = {name: [] for name in hook_names}
@@ -299,7 +300,7 @@ def collect_activations(
         batch = batch.to(rm.cfg.device)
         _, cache = rm.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
                                      names_filter=list(hook_names), stop_at_layer=stop)
-        keep = batch.kept(exclude_first=exclude_first, exclude_token_ids=exclude_token_ids)
+        keep = batch.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids)
         room = None if max_tokens is None else max_tokens - n_kept
         for name in hook_names:
             chunks[name].append(_flat(name, cache[name])[keep][:room].float())
@@ -347,7 +348,7 @@ def _token_batches(rm: RewardModel, data: Any, *, batch_size: int, truncate: boo
         if isinstance(part[0], str):
             yield encode_texts(rm.tokenizer, part, max_len=rm.cfg.n_ctx, truncate=truncate)
         else:
-            pairs = encode_pairs(rm.tokenizer, part, max_len=rm.cfg.n_ctx, truncate=truncate)
+            pairs = encode_pairs(rm.tokenizer, part, max_len=rm.cfg.n_ctx, truncate=truncate, text_format=rm.text_format)
             yield from (pairs.chosen, pairs.rejected)
 
 

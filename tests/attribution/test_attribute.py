@@ -127,7 +127,7 @@ def test_ranking_table(rm, pairs, saes):
     result = attribute(rm, pairs, saes=saes, progress=False)
     table = result.ranking()
     assert list(table.columns) == ["hook_name", "node", "feature", "effect", "mean_abs_effect", "sign_agreement",
-                                   "n_pairs_active"]
+                                   "n_pairs_active", "outlier_share"]
     assert table.effect.abs().is_monotonic_decreasing
     assert set(table.node) == {"feature", "error"}
     assert ((table.n_pairs_active >= 1) & (table.n_pairs_active <= len(pairs))).all()
@@ -145,7 +145,7 @@ def test_ranking_table(rm, pairs, saes):
         (dict(method="shap"), "method must be one of"),
         (dict(baseline="one"), "baseline must be one of"),
         (dict(positions="prompt"), "positions must be one of"),
-        (dict(method="ig", ig_steps=0), "ig_steps must be >= 1"),
+        (dict(method="ig", ig_steps=0), "ig_steps must be an integer >= 1"),
     ],
 )
 def test_bad_arguments(rm, pairs, saes, kwargs, message):

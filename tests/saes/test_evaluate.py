@@ -36,7 +36,7 @@ def test_perfect_sae_keeps_every_reward_and_order(rm):
 def test_lossy_saes_are_measured(rm):
     tokens = encode_pairs(rm.tokenizer, PAIRS, max_len=128).chosen.tokens
     saes = [sparse_sae_for(rm, "blocks.0.hook_resid_post", tokens, seed=1), sparse_sae_for(rm, "blocks.2.hook_resid_post", tokens, seed=2)]
-    result = evaluate_sae(rm, saes, PAIRS)
+    result = evaluate_sae(rm, saes, PAIRS, skip_first=False)  # compared with SAELens's splice at every token
     assert list(result.summary.index) == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post", "all"]
     row = result.summary.loc["blocks.0.hook_resid_post"]
     assert row.fvu > 0.5 and row.reward_abs_error > 1e-2
@@ -57,7 +57,7 @@ def test_lossy_saes_are_measured(rm):
 
 def test_fvu_and_l0_match_a_direct_computation(rm):
     sae = build_standard_sae("blocks.1.hook_resid_post", seed=4)
-    row = evaluate_sae(rm, sae, PAIRS[:1]).summary.iloc[0]
+    row = evaluate_sae(rm, sae, PAIRS[:1], skip_first=False).summary.iloc[0]
     batch = encode_pairs(rm.tokenizer, PAIRS[:1], max_len=128)
     xs = []
     for side in (batch.chosen, batch.rejected):
@@ -75,3 +75,36 @@ def test_errors(rm):
         evaluate_sae(rm, build_perfect_sae("blocks.1.hook_resid_post"), [])
     with pytest.raises(ValueError, match="no SAEs"):
         evaluate_sae(rm, [], PAIRS)
+
+
+def test_first_token_is_left_out_by_default(rm):
+    """One default across pm_lens (SKIP_FIRST): statistics and replacements skip each first token."""
+    sae = build_standard_sae("blocks.1.hook_resid_post", seed=4)
+    row = evaluate_sae(rm, sae, PAIRS[:1]).summary.iloc[0]
+    batch = encode_pairs(rm.tokenizer, PAIRS[:1], max_len=128)
+    xs = []
+    for side in (batch.chosen, batch.rejected):
+        _, cache = rm.run_with_cache(side.tokens, names_filter="blocks.1.hook_resid_post")
+        xs.append(cache["blocks.1.hook_resid_post"][0, 1:])  # one row, no padding: all but the first token
+    x = torch.cat(xs).detach()
+    f = sae.encode(x).detach()
+    assert row.n_tokens == x.shape[0]
+    assert row.l0 == pytest.approx(float((f != 0).sum(-1).float().mean()), rel=1e-6)
+    # The replacement leaves the first token's activation alone: the reward equals a run that
+    # reconstructs every position but the first.
+    side = batch.chosen
+
+    def replace(act, hook):
+        out = sae.decode(sae.encode(act))
+        out[:, 0] = act[:, 0]
+        return out
+
+    clean = rm.reward(side.tokens, side.attention_mask)
+    with rm.hooks(fwd_hooks=[("blocks.1.hook_resid_post", replace)]):
+        replaced = rm.reward(side.tokens, side.attention_mask)
+    per_pair = evaluate_sae(rm, sae, PAIRS[:1]).per_pair
+    rejected = rm.reward(batch.rejected.tokens, batch.rejected.attention_mask)
+    with rm.hooks(fwd_hooks=[("blocks.1.hook_resid_post", replace)]):
+        rejected_replaced = rm.reward(batch.rejected.tokens, batch.rejected.attention_mask)
+    assert per_pair["margin_blocks.1.hook_resid_post"][0] == pytest.approx((replaced - rejected_replaced).item(), rel=1e-4)
+    assert per_pair["margin"][0] == pytest.approx((clean - rejected).item(), rel=1e-5)

@@ -127,7 +127,7 @@ def test_collected_rows_are_the_real_tokens_after_the_first(rm):
     expected = torch.cat([cache[HOOK][0, 3:], cache[HOOK][1, 1:]])
     torch.testing.assert_close(acts, expected)
 
-    kept_all = collect_activations(rm, batch, hook_names=[HOOK], exclude_first=False, progress=False)[HOOK]
+    kept_all = collect_activations(rm, batch, hook_names=[HOOK], skip_first=False, progress=False)[HOOK]
     assert kept_all.shape[0] == 8
     no_44 = collect_activations(rm, batch, hook_names=[HOOK], exclude_token_ids=[44], progress=False)[HOOK]
     torch.testing.assert_close(no_44, torch.cat([cache[HOOK][0, 3:], cache[HOOK][1, 2:]]))
