@@ -70,7 +70,7 @@ def as_pairs(pairs: Any, *, name: str = "pairs") -> list[PreferencePair]:
             try:
                 out.append(_pair_from_record(item))
             except (KeyError, ValueError, TypeError) as err:
-                raise ValueError(f"{name}[{index}]: {err}") from err
+                raise ValueError(f"{name}[{index}]: {_reason(err)}") from err
         else:
             shown = f"a tuple of {len(item)}" if isinstance(item, tuple) else type(item).__name__
             raise TypeError(f"{name}[{index}] is {shown}; each item must be {item_kinds}")
@@ -137,13 +137,18 @@ def pairs_from_records(records: Iterable[Mapping[str, Any]], *, skip_invalid: bo
             pairs.append(_pair_from_record(record))
         except (KeyError, ValueError, TypeError) as err:
             if not skip_invalid:
-                raise ValueError(f"record {index}: {err}") from err
+                raise ValueError(f"record {index}: {_reason(err)}") from err
             skipped += 1
     if skipped:
         import warnings
 
         warnings.warn(f"skipped {skipped} records that are not valid preference pairs", stacklevel=2)
     return pairs
+
+
+def _reason(err: Exception) -> str:
+    # str(KeyError) quotes its message.
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
 def _pair_from_record(record: Mapping[str, Any]) -> PreferencePair:

@@ -102,3 +102,18 @@ def test_bad_features(rm, pairs, saes):
         ablate(rm, pairs, saes=saes, features=[])
     with pytest.raises(ValueError, match="mode must be one of"):
         ablate(rm, pairs, saes=saes, features=[(HOOKS[0], 1)], mode="resample")
+
+
+def test_features_in_the_forms_users_give_them(rm, pairs, saes):
+    hook = saes[0].cfg.metadata.hook_name
+    listed = ablate(rm, pairs, saes=saes, features=[(hook, 3)], progress=False)
+    one = ablate(rm, pairs, saes=saes, features=(hook, 3), progress=False)
+    assert one.nodes == [(hook, 3)] and torch.equal(one.chosen, listed.chosen)
+    bare = ablate(rm, pairs, saes=saes[:1], features=[3], progress=False)
+    assert bare.nodes == [(hook, 3)] and torch.allclose(bare.chosen, listed.chosen)
+    with pytest.raises(TypeError, match=r"feature 3 is a bare index, but there are SAEs at .*give \(hook_name, index\) pairs"):
+        ablate(rm, pairs, saes=saes, features=[3], progress=False)
+    with pytest.raises(TypeError, match=r"a feature index must be an integer, got 'x'"):
+        ablate(rm, pairs, saes=saes, features=[(hook, "x")], progress=False)
+    single = ablate(rm, pairs[0], saes=saes, features=(hook, 3), progress=False)
+    assert single.chosen.shape == (1, 1)

@@ -36,3 +36,24 @@ def test_fidelity_needs_matching_features(rm, pairs, saes):
     joint = ablate(rm, pairs, saes=saes, features="all", progress=False)
     with pytest.raises(ValueError, match="no features to compare"):
         fidelity(result, joint)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_k=0), r"top_k must be an integer >= 1, got 0"),
+        (dict(n_random=-1), r"n_random must be an integer >= 0, got -1"),
+        (dict(k=0), r"k must be an integer >= 1, got 0"),
+    ],
+)
+def test_fidelity_counts_are_checked_before_any_ablation(rm, pairs, saes, kwargs, message):
+    """top_k=0 used to give a card full of NaN, and n_random=-1 ablated all but one feature."""
+    result = attribute(rm, pairs, saes=saes, progress=False)
+    with pytest.raises(ValueError, match=message):
+        check_fidelity(rm, result, progress=False, **kwargs)
+
+
+def test_no_random_features_is_allowed(rm, pairs, saes):
+    result = attribute(rm, pairs, saes=saes, progress=False)
+    card = check_fidelity(rm, result, top_k=4, n_random=0, k=2, progress=False)
+    assert card.n_top == 4 and card.n_random == 0

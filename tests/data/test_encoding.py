@@ -92,3 +92,79 @@ def test_encode_texts(tokenizer):
     with pytest.warns(UserWarning, match="truncated 1 of 2"):
         cut = encode_texts(tokenizer, ["abc", "abcdef"], max_len=4, truncate=True)
     assert tokenizer.decode(cut.tokens[1]) == "cdef"
+
+
+# ---- text_format: an explicit, recorded choice ------------------------------------------------
+
+HH_PROMPT = "\n\nHuman: What is the capital of France?"
+
+
+def test_auto_keeps_hh_transcripts_even_with_a_chat_template(tokenizer):
+    """A PM trained on raw HH text must be scored on that text: 'auto' never rewrites an HH
+    transcript into the tokenizer's chat template."""
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert format_text(tokenizer, HH_PROMPT, "Paris.") == HH_PROMPT + "\n\nAssistant: Paris."
+    assert format_text(tokenizer, "Hi?", "Hello.") == "<bos>user: Hi?<eos><bos>assistant: Hello.<eos>"
+
+
+def test_each_format_on_request(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert format_text(tokenizer, HH_PROMPT, "Paris.", text_format="chat_template") == (
+        "<bos>user: What is the capital of France?<eos><bos>assistant: Paris.<eos>")
+    assert format_text(tokenizer, "Hi?", "Hello.", text_format="hh") == "\n\nHuman: Hi?\n\nAssistant: Hello."
+    assert format_text(tokenizer, "Q: Hi? A:", " Hello.", text_format="raw") == "Q: Hi? A: Hello."
+    batch = encode_completions(tokenizer, ["Q: Hi? A:"], [" Hello."], max_len=128, text_format="raw")
+    assert tokenizer.decode(batch.tokens[0]) == "Q: Hi? A: Hello."
+    assert int(batch.completion_start[0]) == len("Q: Hi? A:")
+
+
+def test_describe_text_format_says_what_auto_chose(tokenizer):
+    from pm_lens.data import describe_text_format
+
+    assert describe_text_format(tokenizer, ["Hi?", HH_PROMPT]) == "hh"  # no chat template: hh for both
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert describe_text_format(tokenizer, ["Hi?", "Bye?"]) == "chat_template"
+    assert describe_text_format(tokenizer, ["Hi?", HH_PROMPT, "Bye?"]) == "auto: chat_template for 2, hh for 1"
+    assert describe_text_format(tokenizer, ["Hi?"], "raw") == "raw"
+
+
+def test_bad_text_formats(tokenizer):
+    with pytest.raises(ValueError, match=r"text_format must be one of \('auto', 'chat_template', 'hh', 'raw'\), got 'chatml'"):
+        format_text(tokenizer, "Hi?", "Hello.", text_format="chatml")
+    with pytest.raises(ValueError, match=r"text_format='chat_template' but the tokenizer has no chat template"):
+        encode_pairs(tokenizer, [PreferencePair("Hi?", "a", "b")], max_len=128, text_format="chat_template")
+
+
+def test_results_record_the_text_format(tokenizer):
+    from pm_lens import RewardModel, ablate, attribute
+    from pm_lens.testing import sparse_sae_for, tiny_hf_reward_model
+
+    rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=2), tokenizer)
+    pairs = [PreferencePair(HH_PROMPT, "Paris.", "I don't know.")]
+    sae = sparse_sae_for(rm, "blocks.0.hook_resid_post", encode_pairs(tokenizer, pairs, max_len=128).chosen.tokens, d_sae=32)
+    assert attribute(rm, pairs, saes=[sae], progress=False).settings["text_format"] == "hh"
+    rm.text_format = "raw"
+    assert ablate(rm, pairs, saes=[sae], features=[("blocks.0.hook_resid_post", 0)], progress=False).settings[
+        "text_format"] == "raw"
+
+
+# ---- pairs in the forms users give them --------------------------------------------------------
+
+
+def test_pairs_as_one_pair_tuples_or_dicts(tokenizer):
+    from pm_lens.data import as_pairs
+
+    pair = PreferencePair("Hi?", "Hello.", "Go away.")
+    assert as_pairs(pair) == [pair]
+    assert as_pairs([("Hi?", "Hello.", "Go away.")]) == [pair]
+    assert as_pairs([{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}]) == [pair]
+    one = encode_pairs(tokenizer, pair, max_len=128)
+    assert one.chosen.tokens.shape[0] == 1
+    with pytest.raises(TypeError, match=r"pairs\[0\] is a tuple of 2; each item must be a PreferencePair"):
+        as_pairs([("Hi?", "Hello.")])
+    with pytest.raises(TypeError, match=r"pairs must be a PreferencePair or a list .*; got str"):
+        as_pairs("Hi?")
+    with pytest.raises(ValueError, match=r"pairs\[0\]: missing field\(s\) \['rejected'\]"):
+        as_pairs([{"prompt": "Hi?", "chosen": "Hello."}])
+    with pytest.raises(ValueError, match=r"no pairs: the list is empty"):
+        as_pairs([])
