@@ -9,6 +9,9 @@ The TransformerLens converters were written for causal LMs: they look for the bo
 attribute such as ``model`` or ``transformer`` and for an ``lm_head``. A classifier has the same
 body and a ``score`` head instead, so :func:`causal_lm_view` presents the classifier under the
 names the converter expects. The converters' unembedding is then replaced by the reward head.
+
+:func:`is_causal_lm` recognises the causal-LM class names (``*ForCausalLM``, ``GPT2LMHeadModel``),
+so that a causal LM offered as a reward model is called what it is.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from transformer_lens.pretrained.weight_conversions import (
 # TransformerLens allocates an [n_ctx, n_ctx] causal mask in every attention layer, so a
 # 128k-token context would need gigabytes. Reward-model inputs are short; users can raise it.
 DEFAULT_MAX_N_CTX = 4096
+
+# Every supported classifier keeps its reward head in ``score`` (a Linear with num_labels outputs).
+HEAD_ATTR = "score"
 
 
 @dataclass(frozen=True)
@@ -211,11 +217,25 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
+def is_causal_lm(architecture: str) -> bool:
+    """Whether an HF class name is a causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return architecture.endswith(("ForCausalLM", "LMHeadModel")) or architecture in set(
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    )
+
+
 def spec_for(architecture: str) -> ArchitectureSpec:
     """The spec of an HF architecture name, or a ValueError listing the supported ones."""
     if architecture not in ARCHITECTURES:
+        what = (
+            " (a causal LM, not a reward model: pm_lens needs a *ForSequenceClassification with a one-output head)"
+            if is_causal_lm(architecture)
+            else ""
+        )
         raise ValueError(
-            f"unsupported reward-model architecture {architecture!r}; pm_lens supports "
+            f"unsupported reward-model architecture {architecture!r}{what}; pm_lens supports "
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
     return ARCHITECTURES[architecture]
@@ -228,7 +248,7 @@ def causal_lm_view(hf_model: torch.nn.Module, spec: ArchitectureSpec) -> SimpleN
     the classifier's ``score`` stands in for the LM head (its values are replaced later, but
     the Gemma converter would otherwise silently fall back to the tied embedding).
     """
-    score = hf_model.score
+    score = getattr(hf_model, HEAD_ATTR)
     bias = score.bias if score.bias is not None else torch.zeros(score.out_features, dtype=score.weight.dtype)
     head = SimpleNamespace(weight=score.weight, bias=bias)
     return SimpleNamespace(**{spec.body_attr: getattr(hf_model, spec.body_attr), "lm_head": head})

@@ -6,7 +6,11 @@ every position, ``[batch, pos, 1]``, so every TransformerLens and SAELens tool (
 activation patching, spliced-in SAEs) works on it unchanged. :meth:`RewardModel.reward` reads the
 reward where Hugging Face's ``*ForSequenceClassification`` reads it: the last non-pad token.
 
-Loading (``from_hf``):
+Loading a folder or hub name (``from_pretrained``) checks, before converting, that transformers read
+every weight from the checkpoint: a causal LM or a classifier saved without its head would otherwise
+get a randomly initialised reward head without a word.
+
+Converting (``from_hf``):
 1. look the HF architecture up in :data:`pm_lens.model.architectures.ARCHITECTURES`;
 2. build a ``HookedTransformerConfig`` from the HF config (no hub access);
 3. convert the body's weights with TransformerLens's converter and put the classifier's
@@ -14,10 +18,14 @@ Loading (``from_hf``):
 4. refuse non-finite weights, then fold and centre what keeps parity (never the head);
 5. store weights in the layout TransformerLens's forward reads (no per-forward copies);
 6. record the processing in :attr:`RewardModel.processing`.
+
+``copy.deepcopy(rm)`` gives an independent model (see :meth:`RewardModel.__deepcopy__`).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +36,15 @@ from sae_lens import HookedSAETransformer
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
 
-from pm_lens.model.architectures import DEFAULT_MAX_N_CTX, causal_lm_view, spec_for
+from pm_lens.model.architectures import (
+    ARCHITECTURES,
+    DEFAULT_MAX_N_CTX,
+    HEAD_ATTR,
+    causal_lm_view,
+    is_causal_lm,
+    spec_for,
+)
+from pm_lens.model.placement import as_device, as_dtype
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,7 @@ class RewardModel(HookedSAETransformer):
         tokenizer: Any = None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         n_ctx: int | None = None,
         fold_ln: bool = True,
         center_writing_weights: bool = True,
@@ -98,16 +114,22 @@ class RewardModel(HookedSAETransformer):
     ) -> "RewardModel":
         """Convert an in-memory HF ``*ForSequenceClassification`` reward model. No hub access.
 
+        ``from_hf`` trusts the weights it is given: a head transformers initialised at random (see
+        :meth:`from_pretrained`) is converted like a trained one.
+
         Args:
             hf_model: the HF reward model (one output label).
             tokenizer: its tokenizer, used for text input and as ``rm.tokenizer``; not modified.
             device: where the model lives (default: the HF model's device).
-            dtype: parameter dtype (default: the HF model's dtype).
+            dtype: parameter dtype, a ``torch.dtype`` or a name such as ``"bfloat16"`` (see
+                :func:`pm_lens.model.as_dtype`; default: the HF model's dtype).
             n_ctx: longest sequence accepted; default is the model's context, capped at
                 ``DEFAULT_MAX_N_CTX`` because TransformerLens allocates ``[n_ctx, n_ctx]``
                 masks per layer.
             fold_ln, center_writing_weights, fold_value_biases: weight processing (exact).
         """
+        device = None if device is None else as_device(device)
+        dtype = None if dtype is None else as_dtype(dtype)
         hf_config = hf_model.config
         architecture = type(hf_model).__name__
         spec = spec_for(architecture)
@@ -150,34 +172,68 @@ class RewardModel(HookedSAETransformer):
         name_or_path: str | Path,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         n_ctx: int | None = None,
         local_files_only: bool | None = None,
         **from_hf_kwargs: Any,
     ) -> "RewardModel":
-        """Load a reward model through transformers, then convert it with :meth:`from_hf`.
+        """Load a reward model through transformers, check it, then convert it with :meth:`from_hf`.
 
         A local directory is read offline (``local_files_only=True``); a hub name needs network
-        unless it is in the local HF cache.
-        """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        unless it is in the local HF cache. ``dtype`` and ``device`` are checked before anything is
+        loaded, the architecture before the weights are read.
 
+        Every weight must come from the checkpoint: a folder whose reward head (``score``) or body
+        weights transformers would initialise at random raises a ``ValueError`` naming the path
+        and the missing keys, and a causal LM is called one. To put a random head on a causal LM
+        on purpose, load it with transformers (``num_labels=1``) and pass it to :meth:`from_hf`.
+        """
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        device = None if device is None else as_device(device)
+        dtype = None if dtype is None else as_dtype(dtype)
+        path = str(name_or_path)
         if local_files_only is None:
             local_files_only = Path(name_or_path).is_dir()
         try:
-            hf_model = AutoModelForSequenceClassification.from_pretrained(
-                str(name_or_path), local_files_only=local_files_only, dtype=dtype or torch.float32
-            )
+            config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
         except OSError as err:
             raise OSError(
-                f"cannot load a reward model from {str(name_or_path)!r}: it is not a local model directory, "
+                f"cannot load a reward model from {path!r}: it is not a local model directory, "
                 "and a hub name needs network or the local Hugging Face cache"
             ) from err
+        spec_for(_classifier_name(config))
+        hf_model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, local_files_only=local_files_only, dtype=dtype or torch.float32,
+            output_loading_info=True,
+        )
+        _check_all_weights_loaded(path, config, loading_info)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
         except (OSError, ValueError):
             tokenizer = None
         return cls.from_hf(hf_model, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "RewardModel":
+        """An independent copy: its weights, attributes (``processing``, ``hf_architecture``,
+        ``pad_token_id``, ``tokenizer``) and attached SAEs are copies, and its MLPs run its own weights.
+
+        SAELens wraps each MLP's ``forward`` in a closure over the original module to add the
+        ``mlp.hook_in`` hook point (``add_hook_in_to_mlp``); a plain deep copy shares that closure,
+        so the copy's MLPs would read the original's weights and hooks. Each copied MLP is rebound.
+        """
+        if self._transcoder_output_hooks:
+            raise ValueError(
+                f"cannot deep-copy a RewardModel with transcoders attached ({sorted(self._transcoder_output_hooks)}): "
+                "their input hooks capture into the original's wrappers; call reset_saes() first"
+            )
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        for block in copied.blocks:
+            if "forward" in vars(block.mlp) and hasattr(block.mlp, "hook_in"):
+                _forward_through_hook_in(block.mlp)
+        return copied
 
     def set_reward_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer`` for text input, without the hub look-ups TL's ``set_tokenizer`` makes.
@@ -238,6 +294,66 @@ class RewardModel(HookedSAETransformer):
         return rewards
 
 
+def _forward_through_hook_in(mlp: torch.nn.Module) -> None:
+    """Route ``mlp``'s forward through its own ``hook_in``, as SAELens's ``add_hook_in_to_mlp``
+    does at construction (without replacing the hook point, so hooks already on it stay)."""
+    forward = type(mlp).forward.__get__(mlp)
+    mlp.forward = lambda x: forward(mlp.hook_in(x))
+
+
+def _classifier_name(config: Any) -> str:
+    """The ``*ForSequenceClassification`` class transformers builds for ``config``, or, when it has
+    none, the config's own architecture (which :func:`spec_for` then refuses by name)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type)
+    return name or ", ".join(getattr(config, "architectures", None) or [config.model_type])
+
+
+def _check_all_weights_loaded(path: str, config: Any, loading_info: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose weights transformers had to initialise at random.
+
+    ``loading_info`` is what ``from_pretrained(..., output_loading_info=True)`` reports. Missing
+    reward-head keys mean a causal LM (named from ``config.architectures``) or a classifier saved
+    without its head; missing body keys mean an incomplete checkpoint.
+    """
+    missing = sorted(loading_info.get("missing_keys") or ())
+    head = [key for key in missing if key.split(".")[0] == HEAD_ATTR]
+    body = [key for key in missing if key not in head]
+    remedy = (
+        "load a *ForSequenceClassification checkpoint saved with its trained one-output head (as trl's "
+        "RewardTrainer saves one), or, to use a random head on purpose, load the model with transformers' "
+        "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1) and pass it to RewardModel.from_hf"
+    )
+    architectures = list(getattr(config, "architectures", None) or [])
+    unexpected = sorted(loading_info.get("unexpected_keys") or ())
+    lm_head = [key for key in unexpected if key.startswith("lm_head.")]
+    # Named by config.architectures, or, in a config without them, recognised by its LM head.
+    causal = [name for name in architectures if is_causal_lm(name)] or (
+        [f"its checkpoint has {', '.join(lm_head)}"] if lm_head and not architectures else []
+    )
+    if head and causal and not any(name in ARCHITECTURES for name in architectures):
+        raise ValueError(
+            f"{path!r} holds a causal LM ({', '.join(causal)}), not a reward model: its checkpoint has no reward "
+            f"head ({', '.join(head)} would be initialised at random); {remedy}"
+        )
+    if body:
+        raise ValueError(
+            f"{path!r} lacks {len(body)} weight(s) of the transformer body that transformers would initialise "
+            f"at random ({_some(body)}); the checkpoint is incomplete or of another model"
+        )
+    if head:
+        besides = f", and it holds weights nothing reads ({_some(unexpected)})" if unexpected else ""
+        raise ValueError(
+            f"the reward head of {path!r} is not in its checkpoint ({', '.join(head)} would be initialised at "
+            f"random{besides}); {remedy}"
+        )
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def _store_as_forward_reads(model: HookedSAETransformer) -> None:
     """Store weights in the memory layout TransformerLens's forward reads them in.
 
@@ -268,13 +384,12 @@ def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransfor
     """TransformerLens state dict of the body, with the ``score`` head as the unembedding."""
     with torch.no_grad():
         state_dict = spec.convert(causal_lm_view(hf_model, spec), cfg)
-        score = hf_model.score
+        score = getattr(hf_model, HEAD_ATTR)
         state_dict["unembed.W_U"] = score.weight.T.clone()
         state_dict["unembed.b_U"] = (
             score.bias.clone() if score.bias is not None else torch.zeros(1, dtype=score.weight.dtype, device=score.weight.device)
         )
     bad = [name for name, w in state_dict.items() if w.is_floating_point() and not torch.isfinite(w).all()]
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ValueError(f"the reward model has NaN or infinite weights in {shown}")
+        raise ValueError(f"the reward model has NaN or infinite weights in {_some(bad)}")
     return state_dict
