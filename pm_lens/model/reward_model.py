@@ -93,11 +93,15 @@ class RewardModel(HookedSAETransformer):
         processing: the weight processing applied at load time.
         hf_architecture: the Hugging Face architecture it was converted from.
         pad_token_id: the pad id used to find the pooled position when no mask is given.
+        text_format: how pm_lens lays out a prompt and a completion for this PM, one of
+            ``pm_lens.data.TEXT_FORMATS`` (default ``"auto"``: HH transcripts stay as they are,
+            other prompts get the tokenizer's chat template); set it to what the PM was trained on.
     """
 
     processing: WeightProcessing
     hf_architecture: str
     pad_token_id: int | None
+    text_format: str = "auto"
 
     @classmethod
     def from_hf(
