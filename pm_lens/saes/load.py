@@ -99,6 +99,8 @@ from sae_lens.util import dtype_to_str
 from safetensors.torch import load_file
 from torch import Tensor
 
+from pm_lens.model.placement import as_device, as_dtype
+
 FORMATS = ("auto", "saelens", "release", "dictionary_learning")
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
 CHECKPOINT_NAMES = ("ae.pt", "ae.pth", "ae.safetensors")
@@ -185,7 +187,7 @@ def load_sae(
     format: str = "auto",
     dict_class: str | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     normalize_decoder: bool = False,
 ) -> SAE:
     """Load an SAE as a SAELens inference ``SAE``.
@@ -200,7 +202,8 @@ def load_sae(
         dict_class: the dictionary_learning class (a key of :data:`LAYOUTS`), needed only where
             no ``config.json`` names it and the keys do not tell: ``AutoEncoderTopK`` and
             ``BatchTopKSAE`` save the same keys.
-        device, dtype: where the SAE lives and its parameter dtype (default: as stored, on CPU).
+        device, dtype: where the SAE lives and its parameter dtype, e.g. ``"cuda"``, ``"bfloat16"``
+            (default: as stored, on CPU).
         normalize_decoder: fold decoder norms into the encoder (``sae.fold_W_dec_norm()``), so
             decoder rows have unit norm and each feature is scaled by its old decoder norm; the
             reconstruction is unchanged. See the module docstring for when this matters.
@@ -216,8 +219,8 @@ def load_sae(
         )
     if dict_class is not None and dict_class not in LAYOUTS:
         raise ValueError(f"unknown dict_class {dict_class!r}; allowed: {', '.join(map(repr, LAYOUTS))}")
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype such as torch.float32, got {dtype}")
+    dtype = as_dtype(dtype) if dtype is not None else None
+    device = as_device(device) if device is not None else None
     chosen = detect_format(source) if format == "auto" else format
     if chosen != "dictionary_learning" and (isinstance(source, Mapping) or dict_class is not None):
         what = "a state dict" if isinstance(source, Mapping) else f"dict_class={dict_class!r}"
