@@ -1,33 +1,70 @@
-"""The ``pm-lens`` command line."""
+"""The ``pm-lens`` command line.
+
+Every error is one line on stderr, ``pm-lens: error: ...``, naming the value and the problem: exit
+code 2 for a bad argument (argparse's, or an ``--out`` that cannot be created or written), 1 for an
+error a user can cause during the run (ValueError, TypeError, OSError), 130 on Ctrl-C. ``--debug`` or
+``PM_LENS_DEBUG=1`` shows the full traceback instead. The parser and these checks import nothing
+heavy, so they answer at once: torch, TransformerLens and SAELens are imported only to run a command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import NoReturn
+
+from pm_lens.demo_settings import OUTPUTS, DemoSettings
+
+DEBUG_ENV = "PM_LENS_DEBUG"
+EPILOG = (f"Errors are reported in one line: exit code 2 for a bad argument, 1 for an error during the run, 130 when "
+          f"interrupted. Pass --debug or set {DEBUG_ENV}=1 to see the full traceback.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pm-lens: error: {message} (see '{self.prog} --help')\n")
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}" if value is None else
+                                         f"must be a positive integer, got {value}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    from pm_lens.demo import OUTPUTS, DemoSettings
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
 
+
+def _parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
-    parser = argparse.ArgumentParser(prog="pm-lens", description="Open up preference models with sparse autoencoders.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=f"show the full traceback of an error (same as {DEBUG_ENV}=1)")
+    parser = _Parser(prog="pm-lens", description="Open up preference models with sparse autoencoders.",
+                     epilog=EPILOG, parents=[debug])
+    commands = parser.add_subparsers(dest="command")
     demo = commands.add_parser(
         "demo",
         help="find the features that drive the embedded demo PM, confirm them, check them against the truth",
@@ -37,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
             f"Writes {', '.join(OUTPUTS)} to --out. The first run converts and caches SmolLM2 "
             "(under $PM_LENS_CACHE, default ~/.cache/pm_lens)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EPILOG, parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for the outputs")
     demo.add_argument("--pairs-per-attribute", type=_positive, default=defaults.pairs_per_attribute,
@@ -64,11 +101,11 @@ def _parser() -> argparse.ArgumentParser:
             "and a token search; every candidate re-scored with the plain PM. Writes exploits.csv, exploits.json "
             "and report.md to --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EPILOG, parents=[debug], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    exploit.add_argument("--prompt", required=True, help="the user's question")
-    exploit.add_argument("--reference", required=True, help="the answer to beat (e.g. correct and polite)")
-    exploit.add_argument("--baseline", action="append", default=None,
+    exploit.add_argument("--prompt", type=_text, required=True, help="the user's question")
+    exploit.add_argument("--reference", type=_text, required=True, help="the answer to beat (e.g. correct and polite)")
+    exploit.add_argument("--baseline", type=_text, action="append", default=None,
                          help="another completion of the prompt to filter generic features (repeatable; "
                               "default: three generic ones)")
     exploit.add_argument("--out", type=Path, default=Path("exploit_out"), help="folder for the outputs")
@@ -79,11 +116,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "disabled")
+def _folder_problem(option: str, path: Path, *, write: bool) -> str | None:
+    """Why ``path`` cannot serve as the folder ``option`` names, or None. The folder is created (the run
+    would create it anyway) and, with ``write``, a file written in it: a bad ``--out`` fails now, not
+    after the model has loaded. A read-only cache folder may still hold a usable cache: no write there."""
+    try:
+        for part in (path, *path.parents):
+            if part.is_dir():
+                break
+            if part.exists():
+                what = "it is a file" if part == path else f"{str(part)!r} is a file"
+                return f"argument {option}: cannot create folder {str(path)!r}: {what}"
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"argument {option}: cannot create folder {str(path)!r}: {exc.strerror or exc}"
+    if not write:
+        return None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"argument {option}: cannot write to folder {str(path)!r}: {exc.strerror or exc}"
+    return None
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run the command; the heavy imports happen here."""
     if args.command == "demo":
-        from pm_lens.demo import DemoSettings, print_summary, run_demo
+        from pm_lens.demo import print_summary, run_demo
 
         settings = DemoSettings(pairs_per_attribute=args.pairs_per_attribute, top=args.top,
                                 fidelity_top=args.fidelity_top, n_random=args.random,
@@ -94,6 +154,44 @@ def main(argv: list[str] | None = None) -> int:
         from pm_lens.exploits.cli import run_exploit
 
         run_exploit(args)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line: an OSError as its reason and file, anything else as its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {str(exc.filename)!r}" if exc.filename is not None else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"pm-lens: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("missing command: choose demo or exploit")
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    problem = _folder_problem("--out", args.out, write=True)
+    if problem is None and args.cache_dir is not None:
+        problem = _folder_problem("--cache-dir", args.cache_dir, write=False)
+    if problem is not None:
+        return _fail(problem, 2)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _fail("interrupted", 130)
+    except (ValueError, TypeError, OSError) as exc:
+        if debug:
+            raise
+        return _fail(f"{_describe(exc)} (run with --debug or {DEBUG_ENV}=1 for the traceback)", 1)
     return 0
 
 

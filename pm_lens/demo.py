@@ -43,28 +43,14 @@ from pm_lens.attribution.fidelity import FidelityCard, ablate_like
 from pm_lens.attribution.recovery import recovered_features
 from pm_lens.data import PreferencePair
 from pm_lens.data.planted import PLANTED_ATTRIBUTES, WEIGHTS, make_planted, single_attribute
+from pm_lens.demo_settings import OUTPUTS as OUTPUTS
+from pm_lens.demo_settings import DemoSettings as DemoSettings
 from pm_lens.io import write_atomic
 from pm_lens.model import RewardModel
 from pm_lens.report import write_report
 from pm_lens.saes.contexts import FeatureContexts, top_contexts
 
-OUTPUTS = ("features.csv", "fidelity.json", "recovery.csv", "report.html", "config.json")
 N_STEPS = 6
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """What the demo runs; saved to ``config.json`` beside the results."""
-
-    pairs_per_attribute: int = 6
-    top: int = 3
-    fidelity_top: int = 10
-    n_random: int = 10
-    recovery_top: int = 10
-    n_contexts: int = 5
-    seed: int = 0
-    dataset_seed: int = 0  # the planted dataset the demo PM was trained on
-    batch_tokens: int = 4096
 
 
 @dataclass(frozen=True)

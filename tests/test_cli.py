@@ -1,10 +1,16 @@
-"""The `pm-lens demo` command, end to end on the embedded demo PM (small settings)."""
+"""The `pm-lens` command: `demo` and `exploit` end to end on the embedded demo PM (small settings),
+and its errors: one line on stderr, before any model is loaded."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from pm_lens import cli
 from pm_lens.cli import main
 from pm_lens.data.planted import PLANTED_ATTRIBUTES
 
@@ -55,6 +61,7 @@ def test_help_describes_the_demo(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--pairs-per-attribute" in text and "features.csv" in text
+    assert "PM_LENS_DEBUG=1" in text and "--debug" in text  # how to see a traceback
 
 
 def test_bad_arguments_are_named(capsys):
@@ -92,3 +99,97 @@ def test_exploit_writes_verified_candidates(first_load, tmp_path, capsys):
     assert rewards[1:].numpy() == pytest.approx(table.reward.to_numpy(), abs=1e-3)
     assert (table.beats_reference == (table.reward > summary["reference_reward"])).all()
     assert "Completions that fool the PM" in (out / "report.md").read_text()
+
+
+def _pm_lens(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the command in a fresh interpreter (exit code and stderr as a user sees them). The timeout
+    is far above the ~0.3 s an error takes and far below loading the model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("PM_LENS_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "pm_lens.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _assert_one_line_error(run: subprocess.CompletedProcess, code: int, *named: str) -> None:
+    assert run.returncode == code, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith("pm-lens: error: ")
+    for text in named:
+        assert text in lines[0]
+
+
+def test_parser_imports_nothing_heavy():
+    code = ("import sys, pm_lens.cli; pm_lens.cli._parser(); "
+            "print(sorted({'torch', 'transformer_lens', 'sae_lens', 'pandas', 'pm_lens.demo'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--badflag"], ["unrecognized arguments: --badflag"]),
+    (["demo", "--badflag"], ["unrecognized arguments: --badflag"]),
+    ([], ["missing command"]),
+    (["frobnicate"], ["'frobnicate'", "demo", "exploit"]),
+    (["demo", "--top", "0"], ["--top", "must be a positive integer, got 0"]),
+    (["demo", "--top", "abc"], ["--top", "must be a positive integer, got 'abc'"]),
+    (["demo", "--random", "-1"], ["--random", "must be a non-negative integer, got -1"]),
+    (["exploit", "--prompt", "", "--reference", "Paris."], ["--prompt", "must not be empty, got ''"]),
+    (["exploit", "--prompt", "Hi?", "--reference", "  "], ["--reference", "must not be empty, got '  '"]),
+    (["exploit", "--prompt", "Hi?", "--reference", "Hello.", "--budget", "0"], ["--budget", "got 0"]),
+])
+def test_bad_arguments_are_one_line(tmp_path, argv, named):
+    # --out in tmp_path so that the old behaviour (running on) writes nowhere else.
+    extra = ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")] if argv[:1] in (["demo"], ["exploit"]) else []
+    _assert_one_line_error(_pm_lens(*argv, *extra, cwd=tmp_path), 2, *named)
+
+
+@pytest.mark.parametrize("command", [["demo"], ["exploit", "--prompt", "What is 3 + 4?", "--reference", "7."]])
+def test_out_under_a_file_fails_before_loading(tmp_path, command):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    for out, problem in [("notes.txt/out", "'notes.txt' is a file"), ("notes.txt", "it is a file")]:
+        run = _pm_lens(*command, "--out", out, "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+        _assert_one_line_error(run, 2, "--out", repr(out), problem)
+    run = _pm_lens(*command, "--cache-dir", "notes.txt/cache", "--out", "out", cwd=tmp_path)
+    _assert_one_line_error(run, 2, "--cache-dir", "'notes.txt/cache'", "'notes.txt' is a file")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (refuses new folders and files, even to root)")
+@pytest.mark.parametrize(("out", "problem"), [("/proc/pm_lens_out", "cannot create folder '/proc/pm_lens_out'"),
+                                              ("/proc", "cannot write to folder '/proc'")])
+def test_unusable_out_fails_before_loading(tmp_path, out, problem):
+    for command in (["demo"], ["exploit", "--prompt", "What is 3 + 4?", "--reference", "7."]):
+        run = _pm_lens(*command, "--out", out, "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+        _assert_one_line_error(run, 2, "--out", problem)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write to a read-only folder")
+def test_read_only_out_fails_before_loading(tmp_path):
+    (tmp_path / "locked").mkdir(mode=0o555)
+    run = _pm_lens("demo", "--out", "locked", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    _assert_one_line_error(run, 2, "cannot write to folder 'locked'", "Permission denied")
+
+
+@pytest.mark.parametrize(("error", "code", "named"), [
+    (ValueError("pairs_per_attribute must be >= 1, got 0"), 1, "pairs_per_attribute must be >= 1, got 0"),
+    (FileNotFoundError(2, "No such file or directory", "/gone/pairs.jsonl"), 1,
+     "No such file or directory: '/gone/pairs.jsonl'"),
+    (TypeError("bad\nvalue"), 1, "bad value"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_errors_during_the_run_are_one_line(tmp_path, monkeypatch, capsys, error, code, named):
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.delenv("PM_LENS_DEBUG", raising=False)
+    argv = ["demo", "--out", str(tmp_path / "out")]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pm-lens: error: ") and named in err
+    # The traceback, for debugging.
+    with pytest.raises(type(error)):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("PM_LENS_DEBUG", "1")
+    with pytest.raises(type(error)):
+        main(argv)
