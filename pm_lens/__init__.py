@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pm_lens.attribution import Ablation as Ablation
     from pm_lens.attribution import Attribution as Attribution
+    from pm_lens.attribution import CleanRun as CleanRun
     from pm_lens.attribution import FidelityCard as FidelityCard
     from pm_lens.attribution import ablate as ablate
     from pm_lens.attribution import attribute as attribute
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from pm_lens.exploits import find_exploits as find_exploits
     from pm_lens.model import RewardModel as RewardModel
     from pm_lens.model import WeightProcessing as WeightProcessing
+    from pm_lens.saes import Node as Node
     from pm_lens.saes import attach_saes as attach_saes
     from pm_lens.saes import detach_saes as detach_saes
     from pm_lens.saes import evaluate_sae as evaluate_sae
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 _SOURCES = {
     "Ablation": "pm_lens.attribution",
     "Attribution": "pm_lens.attribution",
+    "CleanRun": "pm_lens.attribution",
     "FidelityCard": "pm_lens.attribution",
     "ablate": "pm_lens.attribution",
     "attribute": "pm_lens.attribution",
@@ -60,6 +63,7 @@ _SOURCES = {
     "find_exploits": "pm_lens.exploits",
     "RewardModel": "pm_lens.model",
     "WeightProcessing": "pm_lens.model",
+    "Node": "pm_lens.saes",
     "attach_saes": "pm_lens.saes",
     "detach_saes": "pm_lens.saes",
     "evaluate_sae": "pm_lens.saes",
@@ -76,7 +80,9 @@ _SUBPACKAGES = ("attribution", "data", "exploits", "model", "saes", "scoring")
 __all__ = [
     "Ablation",
     "Attribution",
+    "CleanRun",
     "FidelityCard",
+    "Node",
     "PairBatch",
     "PreferencePair",
     "RewardModel",

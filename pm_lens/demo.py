@@ -49,6 +49,7 @@ from pm_lens.io import write_atomic
 from pm_lens.model import RewardModel
 from pm_lens.report import write_report
 from pm_lens.saes.contexts import FeatureContexts, top_contexts
+from pm_lens.saes.node import Node
 
 N_STEPS = 6
 
@@ -60,9 +61,10 @@ class DemoResult:
     features: pd.DataFrame
     card: FidelityCard
     recovery: pd.DataFrame
-    contexts: dict[tuple[str, int], FeatureContexts]
+    contexts: dict[Node, FeatureContexts]
     timings: dict[str, float]
     out_dir: Path
+    forward_passes: dict[str, dict[str, int]]
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, cache_dir: str | Path | None = None,
@@ -78,7 +80,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
         saes = demo_saes(device=str(rm.cfg.device))
     pairs, groups = held_out_pairs(settings.pairs_per_attribute, seed=settings.dataset_seed)
     common = dict(batch_tokens=settings.batch_tokens, progress=progress)
+    counted = rm.forward_count.snapshot()
     with _timed(timings, "attribute", progress, f"attributing the margin on {len(pairs)} held-out pairs"):
+        # The AtP pass is the clean pass of every pair; every later step reuses it.
         attribution = attribute(rm, pairs, saes=saes, skip_first=True, **common)
     with _timed(timings, "confirm", progress, f"confirming each attribute's top {settings.top} features by exact ablation"):
         features = rank_by_group(rm, attribution, groups, top=settings.top, batch_tokens=settings.batch_tokens)
@@ -86,17 +90,18 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
         card = check_fidelity(rm, attribution, top_k=settings.fidelity_top, n_random=settings.n_random,
                               seed=settings.seed, **common)
     with _timed(timings, "contexts", progress, "reading where the features fire"):
-        unique = list(dict.fromkeys(zip(features.hook_name, features.feature.astype(int))))
+        unique = list(dict.fromkeys(Node(h, int(f)) for h, f in zip(features.hook_name, features.feature)))
         contexts = top_contexts(rm, saes, pairs, unique, n_contexts=settings.n_contexts, skip_first=True, skip_last=True,
-                                progress=progress)
+                                clean=attribution.clean_run, progress=progress)
         features = _describe(features, contexts, pairs, groups)
     with _timed(timings, "recover", progress, "truth check: ablating each attribute's top features together"):
         recovery = recover(rm, attribution, groups, top_n=settings.recovery_top, **common)
         recovery.insert(1, "planted_weight", [WEIGHTS[name] for name in recovery.group])
-        recovery["top_fires_on"] = [_fires_on(rm, saes, pairs, groups[g], f, settings) for g, f in
+        recovery["top_fires_on"] = [_fires_on(rm, attribution, groups[g], f) for g, f in
                                     zip(recovery.group, recovery.features)]
-    _write(out, settings, features, card, recovery, contexts, timings, rm)
-    return DemoResult(features, card, recovery, contexts, timings, out)
+    forward_passes = rm.forward_count.since(counted).as_dict()
+    _write(out, settings, features, card, recovery, contexts, timings, rm, attribution, forward_passes)
+    return DemoResult(features, card, recovery, contexts, timings, out, forward_passes)
 
 
 def held_out_pairs(per_attribute: int, *, seed: int = 0) -> tuple[list[PreferencePair], dict[str, list[int]]]:
@@ -122,8 +127,8 @@ def rank_by_group(rm: RewardModel, attribution: Attribution, groups: dict[str, l
     for name, indices in groups.items():
         group = attribution.subset(indices)
         ranking = group.ranking()
-        best = ranking[ranking.node == "feature"].head(top)
-        nodes = [(h, int(f)) for h, f in zip(best.hook_name, best.feature)]
+        best = ranking[ranking.kind == "feature"].head(top)
+        nodes = [Node.parse(name) for name in best.node]
         exact = ablate_like(rm, group, nodes, batch_tokens=batch_tokens, progress=False)
         for rank, (row, column) in enumerate(zip(best.itertuples(), range(len(nodes))), start=1):
             rows.append(dict(
@@ -143,7 +148,7 @@ def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair
                                   dtype=torch.float) for name in PLANTED_ATTRIBUTES}
     described = []
     for row in features.itertuples():
-        found = contexts[(row.hook_name, int(row.feature))]
+        found = contexts[Node(row.hook_name, int(row.feature))]
         chosen, rejected = found.completion_max[groups[row.attribute]].mean(0).tolist()
         side = "chosen" if chosen > 2 * rejected else "rejected" if rejected > 2 * chosen else "both"
         reward_effect = {"chosen": row.exact_chosen_effect, "rejected": row.exact_rejected_effect,
@@ -166,14 +171,15 @@ def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair
     return table[columns]
 
 
-def _fires_on(rm: RewardModel, saes: list, pairs: list[PreferencePair], indices: list[int], features: str,
-              settings: DemoSettings) -> str:
-    """What the first three of a recovery row's features fire on, over the group's pairs."""
+def _fires_on(rm: RewardModel, attribution: Attribution, indices: list[int], features: str) -> str:
+    """What the first three of a recovery row's features fire on, over the group's pairs (read
+    from the attribution's clean run)."""
     nodes = recovered_features(features)[:3]
     if not nodes:
         return ""
-    found = top_contexts(rm, saes, [pairs[i] for i in indices], nodes, n_contexts=1, skip_first=True, skip_last=True,
-                         progress=False)
+    group = attribution.subset(indices)
+    found = top_contexts(rm, list(attribution.saes.values()), group.pairs, nodes, n_contexts=1, skip_first=True,
+                         skip_last=True, clean=group.clean_run, progress=False)
     return " | ".join(found[node].describe(2) for node in nodes)
 
 
@@ -193,15 +199,17 @@ def _timed(timings: dict[str, float], name: str, progress: bool, message: str) -
 
 
 def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: FidelityCard, recovery: pd.DataFrame,
-           contexts: dict, timings: dict[str, float], rm: Any) -> None:
+           contexts: dict, timings: dict[str, float], rm: Any, attribution: Attribution,
+           forward_passes: dict[str, dict[str, int]]) -> None:
     config = {
         "settings": asdict(settings),
-        "attribution": {"method": "atp", "target": "margin", "baseline": "zero", "positions": "all", "skip_first": True},
+        "attribution": attribution.settings.as_dict(),
         "model": {"name": "pm_lens demo PM (SmolLM2-135M-Instruct + planted-preference head)",
                   "n_layers": rm.cfg.n_layers, "d_model": rm.cfg.d_model, "device": str(rm.cfg.device)},
         "versions": {name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
         "python": platform.python_version(),
         "timings_s": timings,
+        "forward_passes": forward_passes,
     }
     write_atomic(out / "features.csv", features.to_csv(index=False))
     card.save(out / "fidelity.json")
@@ -241,4 +249,6 @@ def print_summary(result: DemoResult) -> None:
         print(result.recovery.drop(columns=["features", "estimated"]).to_string(index=False))
     total = sum(result.timings.values())
     print(f"\nwall time {total:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in result.timings.items())})")
+    counts = ", ".join(f"{purpose} {c['passes']} ({c['sequences']} sequences)" for purpose, c in result.forward_passes.items())
+    print(f"forward passes: {counts}")
     print(f"wrote {', '.join(str(result.out_dir / name) for name in OUTPUTS)}")

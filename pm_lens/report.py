@@ -20,6 +20,7 @@ import pandas as pd
 from pm_lens.attribution.fidelity import FidelityCard
 from pm_lens.io import write_atomic
 from pm_lens.saes.contexts import Context, FeatureContexts
+from pm_lens.saes.node import Node
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -41,7 +42,7 @@ def render_report(
     settings: Mapping[str, Any],
     features: pd.DataFrame,
     card: FidelityCard,
-    contexts: Mapping[tuple[str, int], FeatureContexts],
+    contexts: Mapping[Node, FeatureContexts],
     tables: Mapping[str, pd.DataFrame] | None = None,
     notes: Mapping[str, str] | None = None,
 ) -> str:
@@ -66,7 +67,7 @@ def render_report(
         parts += [_section(name, notes), _table(table)]
     parts.append(_section("Where the features fire", notes))
     for row in features.itertuples():
-        found = contexts.get((row.hook_name, int(row.feature)))
+        found = contexts.get(Node(row.hook_name, int(row.feature)))
         if found is not None:
             parts.append(_feature_block(found, row.direction))
     parts.append("</body></html>")
@@ -92,7 +93,7 @@ def _table(table: pd.DataFrame) -> str:
 
 
 def _feature_block(found: FeatureContexts, direction: str) -> str:
-    header = (f"<h3>{_e(found.hook_name)} feature {found.feature} ({_e(direction)} reward)</h3>"
+    header = (f"<h3>{_e(found.node)} ({_e(direction)} reward)</h3>"
               f"<p class='note'>fires on {100 * found.firing_rate:.2f}% of tokens; most on "
               f"{_e(found.describe(5))}; mean activation at the last token {found.last_token_mean:.3g}</p>")
     lines = [_context_line(context) for context in found.contexts] or ["<p class='note'>(never fires on these texts)</p>"]

@@ -3,6 +3,7 @@
 import pandas as pd
 import torch
 
+from pm_lens import Node
 from pm_lens.attribution.fidelity import FidelityCard
 from pm_lens.report import render_report, write_report
 from pm_lens.saes.contexts import Context, FeatureContexts
@@ -19,14 +20,15 @@ def test_report_escapes_text_and_shades_tokens(tmp_path):
     features = pd.DataFrame({"hook_name": ["blocks.0.hook_resid_post"] * 2, "feature": [3, 5], "direction": ["raises", "lowers"],
                              "fires_on": ["'<script>'", "'x'"]})
     context = Context(pair=0, side="chosen", tokens=["Hi", "<script>", "\n"], acts=[0.0, 2.0, 1.0], peak=1, completion_start=1)
-    contexts = {("blocks.0.hook_resid_post", 3): FeatureContexts("blocks.0.hook_resid_post", 3, [context], [("<script>", 2.0)],
-                                                                 0.1, torch.zeros(1, 2), 0.5)}
+    node = Node("blocks.0.hook_resid_post", 3)
+    contexts = {node: FeatureContexts(node, [context], [("<script>", 2.0)], 0.1, torch.zeros(1, 2), 0.5)}
     page = render_report(title="A & B", settings={"seed": 0}, features=features, card=_card(), contexts=contexts,
                          tables={"Extra": pd.DataFrame({"x": [1]})}, notes={"Fidelity": "a <note>"})
     assert "<script>" not in page and "&lt;script&gt;" in page and "A &amp; B" in page and "a &lt;note&gt;" in page
     for heading in ("Features that raise reward", "Features that lower reward", "Fidelity", "Extra", "Where the features fire"):
         assert f"<h2>{heading}</h2>" in page
     assert "rgba(255, 120, 0, 1.00)" in page and "rgba(255, 120, 0, 0.50)" in page  # peak and half-peak shades
+    assert "blocks.0.hook_resid_post:3" in page  # the node's one spelling
     assert "class='prompt'" in page and "class='completion peak'" in page and "⏎" in page
     write_report(tmp_path / "r.html", title="t", settings={}, features=features, card=_card(), contexts=contexts)
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")

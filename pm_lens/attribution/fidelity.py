@@ -28,9 +28,10 @@ import torch
 from scipy import stats
 
 from pm_lens.attribution.ablate import ALL, Ablation, ablate
-from pm_lens.attribution.attribute import Attribution
+from pm_lens.attribution.result import Attribution
 from pm_lens.io import write_atomic
 from pm_lens.model import RewardModel
+from pm_lens.saes.node import Node
 
 
 @dataclass(frozen=True)
@@ -96,20 +97,21 @@ def fidelity(
     """
     check_counts(top_k=top_k, k=k)
     ranking = attribution.ranking()
-    ranking = ranking[ranking.node == "feature"].reset_index(drop=True)
-    rank = {(h, int(f)): i for i, (h, f) in enumerate(zip(ranking.hook_name, ranking.feature))}
-    nodes = [node for node in ablation.nodes if node[0] in attribution.effects and node[1] >= 0]
+    ranking = ranking[ranking.kind == "feature"].reset_index(drop=True)
+    rank = {node: i for i, node in enumerate(ranking.node)}
+    if ablation.joint:
+        raise ValueError("the ablation has no features to compare: it is a joint ablation")
+    nodes = [node for node in ablation.nodes if node.hook_name in attribution.effects and not node.is_error]
     if not nodes:
-        raise ValueError("the ablation has no features to compare (only error nodes or a joint ablation)")
-    missing = [node for node in nodes if node not in rank]
+        raise ValueError("the ablation has no features to compare (only error nodes)")
+    missing = [str(node) for node in nodes if str(node) not in rank]
     if missing:
         raise ValueError(f"ablated features {missing[:5]} are not active in the attribution")
-    target = attribution.settings["target"]
+    target = attribution.settings.target
     exact_all = ablation.effects(target).mean(0).numpy()
-    column = {node: i for i, node in enumerate(ablation.nodes)}
-    estimated = np.array([_mean_effect(attribution, node) for node in nodes])
-    exact = np.array([exact_all[column[node]] for node in nodes])
-    top = np.array([rank[node] < top_k for node in nodes])
+    estimated = np.array([attribution.mean_effect(node) for node in nodes])
+    exact = np.array([exact_all[ablation.column(node)] for node in nodes])
+    top = np.array([rank[str(node)] < top_k for node in nodes])
     k = max(1, min(k, int(top.sum())))
     true_top = set(np.argsort(-np.abs(np.where(top, exact, 0)))[:k])
     est_top = set(np.argsort(-np.abs(np.where(top, estimated, 0)))[:k])
@@ -117,7 +119,7 @@ def fidelity(
     missed = int((np.abs(exact[~top]) >= threshold).sum())
     n_outside = len(rank) - min(top_k, len(rank))
     return FidelityCard(
-        settings=dict(attribution.settings),
+        settings=attribution.settings.as_dict(),
         n_top=int(top.sum()),
         n_random=int((~top).sum()),
         k=k,
@@ -157,14 +159,13 @@ def check_fidelity(
     return fidelity(attribution, exact, top_k=top_k, k=k, completeness=everything)
 
 
-def fidelity_sample(attribution: Attribution, *, top_k: int = 50, n_random: int = 50, seed: int = 0) -> list[tuple[str, int]]:
+def fidelity_sample(attribution: Attribution, *, top_k: int = 50, n_random: int = 50, seed: int = 0) -> list[Node]:
     """The features a fidelity check ablates: the top ``top_k`` by estimated |effect|, then
     ``n_random`` of the other active features drawn with ``seed``."""
     check_counts(top_k=top_k, n_random=n_random)
     ranking = attribution.ranking()
-    features = ranking[ranking.node == "feature"]
-    top = list(zip(features.hook_name[:top_k], features.feature[:top_k].astype(int)))
-    rest = list(zip(features.hook_name[top_k:], features.feature[top_k:].astype(int)))
+    features = [Node.parse(name) for name in ranking[ranking.kind == "feature"].node]
+    top, rest = features[:top_k], features[top_k:]
     generator = torch.Generator().manual_seed(seed)
     return top + [rest[i] for i in torch.randperm(len(rest), generator=generator)[:n_random].tolist()]
 
@@ -180,15 +181,12 @@ def check_counts(**counts: Any) -> None:
 
 def ablate_like(rm: RewardModel, attribution: Attribution, features: Any, **kwargs: Any) -> Ablation:
     """Exact ablation of ``features`` on the attribution's pairs with its settings (baselines,
-    positions, first token), so its effects are what the attribution estimated."""
+    positions, first token), reusing its clean run, so its effects are what the attribution estimated."""
     s = attribution.settings
     kwargs.setdefault("saes", list(attribution.saes.values()))
-    return ablate(rm, attribution.pairs, features=features, mode=s["baseline"], positions=s["positions"],
-                  skip_first=s["skip_first"], baselines=attribution.baselines, **kwargs)
-
-
-def _mean_effect(attribution: Attribution, node: tuple[str, int]) -> float:
-    return float(attribution.dense_effects(node[0])[:, node[1]].mean())
+    kwargs.setdefault("clean", attribution.clean_run)
+    return ablate(rm, attribution.pairs, features=features, baseline=s.baseline, positions=s.positions,
+                  skip_first=s.skip_first, baselines=attribution.baselines, **kwargs)
 
 
 def _corr(fn: Any, a: np.ndarray, b: np.ndarray) -> float:

@@ -51,14 +51,14 @@ def warn_outlier_features(ranking: pd.DataFrame, outliers: pd.DataFrame, *, top:
     :data:`OUTLIER_SHARE` of their effect from outlier positions, naming one such position each."""
     if outliers.empty:
         return
-    head = ranking[ranking.node == "feature"].head(top)
+    head = ranking[ranking.kind == "feature"].head(top)
     flagged = head[head.outlier_share.abs() >= OUTLIER_SHARE]
     if flagged.empty:
         return
     lines = []
     for rank, row in flagged.head(5).iterrows():
         at = outliers[outliers.hook_name == row.hook_name].sort_values("norm_ratio", ascending=False).iloc[0]
-        lines.append(f"{row.hook_name}:{int(row.feature)} (rank {rank + 1}, {row.outlier_share:.0%} of its effect; "
+        lines.append(f"{row.node} (rank {rank + 1}, {row.outlier_share:.0%} of its effect; "
                      f"e.g. pair {at.pair}, {at.side}, position {at.pos}, norm {at.norm_ratio:.0f}x the median)")
     warnings.warn(
         f"{len(flagged)} of the top {len(head)} features of this {what} take most of their effect from positions whose "

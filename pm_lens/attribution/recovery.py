@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pm_lens.attribution.attribute import Attribution
+from pm_lens.attribution.result import Attribution
 from pm_lens.attribution.fidelity import ablate_like
 from pm_lens.model import RewardModel
+from pm_lens.saes.node import Node
 
 
 def recover(
@@ -51,8 +52,8 @@ def recover(
         change of the margin), ``fraction_removed``, ``estimated`` (sum of the top features' mean
         attributions), ``features`` (``hook_name:index`` of the ablated ones, best first).
     """
-    if attribution.settings["target"] != "margin":
-        raise ValueError(f"recover needs a target='margin' attribution, got target={attribution.settings['target']!r}")
+    if attribution.settings.target != "margin":
+        raise ValueError(f"recover needs a target='margin' attribution, got target={attribution.settings.target!r}")
     groups = groups if groups is not None else {"all": range(attribution.n_pairs)}
     hooks = list(hook_names) if hook_names is not None else list(attribution.effects)
     unknown = [h for h in hooks if h not in attribution.effects]
@@ -73,29 +74,28 @@ def recover(
     return pd.DataFrame(rows)
 
 
-def recovered_features(features: str) -> list[tuple[str, int]]:
-    """The ``(hook_name, index)`` nodes of a recovery row's ``features`` column, best first."""
-    return [(name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])) for name in features.split()]
+def recovered_features(features: str) -> list[Node]:
+    """The nodes of a recovery row's ``features`` column, best first."""
+    return [Node.parse(name) for name in features.split()]
 
 
 def _recover_group(rm: RewardModel, attribution: Attribution, name: str, index: torch.Tensor, margin: float,
                    hooks: list[str], top_n: int, batch_tokens: int) -> dict:
     group = attribution.subset(index.tolist())
-    candidates = [(hook, feature, float(effect))
+    candidates = [(Node(hook, feature), float(effect))
                   for hook in hooks
                   for feature, effect in enumerate(group.dense_effects(hook).mean(0).tolist())]
     sign = 1.0 if margin >= 0 else -1.0
     # Removing a feature that carries the margin moves it against its sign.
-    carriers = sorted((c for c in candidates if c[2] * sign < 0), key=lambda c: c[2] * sign)[:top_n]
+    carriers = sorted((c for c in candidates if c[1] * sign < 0), key=lambda c: c[1] * sign)[:top_n]
     if not carriers:
         return dict(group=name, n_pairs=len(index), margin=margin, removed=0.0, fraction_removed=0.0, estimated=0.0,
                     features="")
-    joint = ablate_like(rm, group, [(h, f) for h, f, _ in carriers], jointly=True, saes=[attribution.saes[h] for h in hooks],
-                        batch_tokens=batch_tokens, progress=False)
+    joint = ablate_like(rm, group, [node for node, _ in carriers], jointly=True, batch_tokens=batch_tokens, progress=False)
     removed = float(joint.margin.mean())
     return dict(
         group=name, n_pairs=len(index), margin=margin, removed=removed,
         fraction_removed=-removed / margin if margin != 0 else float("nan"),
-        estimated=sum(e for _, _, e in carriers),
-        features=" ".join(f"{h}:{f}" for h, f, _ in carriers),
+        estimated=sum(e for _, e in carriers),
+        features=" ".join(str(node) for node, _ in carriers),
     )

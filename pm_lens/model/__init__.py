@@ -5,4 +5,6 @@ from pm_lens.model.placement import as_device as as_device
 from pm_lens.model.placement import as_dtype as as_dtype
 from pm_lens.model.reward_model import RewardModel as RewardModel
 from pm_lens.model.reward_model import WeightProcessing as WeightProcessing
-from pm_lens.model.reward_model import final_positions as final_positions
+from pm_lens.model.runs import DeltaRun as DeltaRun
+from pm_lens.model.runs import ForwardCount as ForwardCount
+from pm_lens.model.runs import final_positions as final_positions

@@ -8,6 +8,7 @@ from pm_lens.saes.attach import saes_attached as saes_attached
 from pm_lens.saes.evaluate import SAEEvaluation as SAEEvaluation
 from pm_lens.saes.evaluate import evaluate_sae as evaluate_sae
 from pm_lens.saes.load import load_sae as load_sae
+from pm_lens.saes.node import Node as Node
 from pm_lens.saes.train import TrainedSAEs as TrainedSAEs
 from pm_lens.saes.train import collect_activations as collect_activations
 from pm_lens.saes.train import train_saes as train_saes

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -32,37 +31,17 @@ FEATURE_HOOK = "hook_sae_acts_post"
 
 def hook_shapes(rm: RewardModel, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """The trailing shape of the activation at each hook: ``(d,)``, or ``(n_heads, d_head)`` for
-    per-head hooks such as ``attn.hook_z``.
-
-    Runs the model on two tokens; raises a ValueError for names that are not hook points,
-    listing some that are.
-    """
+    per-head hooks such as ``attn.hook_z`` (see ``RewardModel.hook_shapes``). Raises a ValueError
+    for names that are not hook points, listing some that are."""
     unknown = [name for name in hook_names if name not in rm.hook_dict]
     if unknown:
         raise ValueError(f"unknown hook name(s) {unknown}; valid ones look like {example_hooks(rm)}")
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(act: Tensor, hook: Any) -> None:
-        shapes[hook.name] = tuple(act.shape[2:])
-
-    tokens = torch.zeros((1, 2), dtype=torch.long, device=rm.cfg.device)
-    with torch.no_grad():
-        rm.run_with_hooks(tokens, fwd_hooks=[(name, record) for name in hook_names], stop_at_layer=stop_layer(rm, hook_names))
-    return shapes
+    return rm.hook_shapes(hook_names)
 
 
 def stop_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
-    """One past the last block any hook needs; None (run everything) for hooks after the blocks."""
-    layers = []
-    for name in hook_names:
-        if name.startswith("blocks."):
-            layers.append(int(name.split(".")[1]))
-        elif name.startswith("hook_"):  # the embeddings, before block 0
-            layers.append(-1)
-        else:
-            return None
-    last = max(layers) + 1
-    return None if last >= rm.cfg.n_layers else last
+    """One past the last block any hook needs (see ``RewardModel.stop_layer``)."""
+    return rm.stop_layer(hook_names)
 
 
 def example_hooks(rm: RewardModel) -> list[str]:
@@ -141,6 +120,21 @@ def saes_attached(
         yield rm
     finally:
         detach_saes(rm, [sae.cfg.metadata.hook_name for sae in saes])
+
+
+@contextmanager
+def saes_detached(rm: RewardModel) -> Iterator[dict[str, SAE]]:
+    """Detach every spliced SAE for the duration of a ``with`` block (yielding them by hook name),
+    then splice them back as they were (error term and excluded tokens included)."""
+    spliced = dict(rm._acts_to_saes)
+    if spliced:
+        detach_saes(rm)
+    try:
+        yield {name: wrapper.sae for name, wrapper in spliced.items()}
+    finally:
+        for wrapper in spliced.values():
+            attach_saes(rm, wrapper.sae, use_error_term=wrapper.use_error_term,
+                        exclude_token_ids=wrapper.exclude_special_tokens or ())
 
 
 def attached_saes(rm: RewardModel) -> dict[str, SAE]:

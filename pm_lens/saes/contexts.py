@@ -5,8 +5,10 @@ Monosemanticity", and SAELens's dashboards) over a small set of texts, enough to
 that an attribution ranked high.
 
 Steps of :func:`top_contexts`:
-1. both sides of every pair are encoded (right padding) and run in batches with the SAEs
-   attached, stopping after the last SAE's block; padding, and the first token with
+1. the feature activations of both sides of every pair: read from a clean run when one is given
+   (``clean=attribution.clean_run``: no forward at all), else the pairs are encoded (right
+   padding) and run in batches with the SAEs attached, stopping after the last SAE's block;
+   padding, and the first token with
    ``skip_first`` (massive-activation start tokens), read 0; with ``skip_last`` the last token,
    where the reward is read, is kept out of the contexts and tokens (features that summarise a
    completion fire hardest there, which says little about what they detect) and reported apart;
@@ -31,8 +33,8 @@ from tqdm.auto import tqdm
 from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs, encode_pairs
 from pm_lens.model import RewardModel
 from pm_lens.saes.attach import feature_acts, saes_attached
+from pm_lens.saes.node import Node, as_nodes
 
-Feature = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,7 @@ class FeatureContexts:
         last_token_mean: its mean activation at the texts' last token (where the reward is read).
     """
 
-    hook_name: str
-    feature: int
+    node: Node
     contexts: list[Context]
     top_tokens: list[tuple[str, float]]
     firing_rate: float
@@ -90,7 +91,7 @@ def top_contexts(
     rm: RewardModel,
     saes: SAE | Sequence[SAE],
     pairs: PairsLike,
-    features: Sequence[Feature] | Feature,
+    features: Sequence[Any] | Node | tuple[str, int],
     *,
     n_contexts: int = 5,
     n_tokens: int = 5,
@@ -99,8 +100,9 @@ def top_contexts(
     skip_first: bool = SKIP_FIRST,
     skip_last: bool = False,
     batch_size: int = 8,
+    clean: Any = None,
     progress: bool = True,
-) -> dict[Feature, FeatureContexts]:
+) -> dict[Node, FeatureContexts]:
     """The contexts and tokens each of ``features`` fires on most over both sides of ``pairs``.
 
     Args:
@@ -110,31 +112,52 @@ def top_contexts(
         before, after: tokens of context on each side of the firing.
         skip_first: ignore each text's first token.
         skip_last: keep each text's last token out of the contexts, top tokens and firing rate.
+        clean: a ``pm_lens.attribution.CleanRun`` of these pairs and SAEs (e.g.
+            ``attribution.clean_run``): its feature activations are read, no forward is run.
+
+    Returns:
+        Per feature (a :class:`pm_lens.saes.node.Node`), its :class:`FeatureContexts`.
     """
     pairs = as_pairs(pairs)
     by_hook = {sae.cfg.metadata.hook_name: sae for sae in ([saes] if isinstance(saes, SAE) else saes)}
-    if isinstance(features, tuple) and len(features) == 2 and isinstance(features[0], str):
-        features = [features]  # one (hook_name, index)
-    bad = [f for f in features if not (isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], str))]
-    if bad:
-        raise TypeError(f"features must be (hook_name, index) pairs, got {bad[0]!r}")
-    features = [(str(hook), int(index)) for hook, index in features]
-    for hook, index in features:
-        if hook not in by_hook:
-            raise ValueError(f"no SAE at {hook!r}; the SAEs are at {sorted(by_hook)}")
-        if not 0 <= index < by_hook[hook].cfg.d_sae:
-            raise ValueError(f"feature {index} does not exist at {hook}: valid are 0..{by_hook[hook].cfg.d_sae - 1}")
+    features = as_nodes(features, {name: sae.cfg.d_sae for name, sae in by_hook.items()})
+    errors = [str(f) for f in features if f.is_error]
+    if errors:
+        raise ValueError(f"error nodes {errors} have no activations to show; give features")
     reading = _Reading(features, len(pairs), skip_first=skip_first, skip_last=skip_last)
+    if clean is not None:
+        _read_clean_run(rm, clean, pairs, reading)
+    else:
+        _read_by_running(rm, list(by_hook.values()), pairs, reading, batch_size=batch_size, progress=progress)
+    return {f: _summarise(rm.tokenizer, f, reading, n_contexts=n_contexts, n_tokens=n_tokens, before=before, after=after)
+            for f in features}
+
+
+def _read_clean_run(rm: RewardModel, clean: Any, pairs: list, reading: _Reading) -> None:
+    """Feature activations from a clean run (kept sides are read; others are recomputed)."""
+    if len(pairs) != clean.n_pairs or any(a != b for a, b in zip(pairs, clean.pairs)):
+        raise ValueError(f"the clean run is of other pairs ({clean.n_pairs}) than the {len(pairs)} given")
+    missing = sorted(set(reading.columns) - set(clean.saes))
+    if missing:
+        raise ValueError(f"the clean run has no SAE at {missing}; it has {sorted(clean.saes)}")
+    for b, start in enumerate(clean.starts):
+        for side_index, side in enumerate(("chosen", "rejected")):
+            run = clean.side(rm, b, side)
+            real = run.batch.attention_mask.bool()[..., None]
+            reading.add(start, side_index, run.batch, {hook: run.dense_acts(hook) * real for hook in reading.columns})
+
+
+def _read_by_running(rm: RewardModel, saes: list[SAE], pairs: list, reading: _Reading, *, batch_size: int,
+                     progress: bool) -> None:
+    """Feature activations from running the pairs with the SAEs attached (one forward per batch and side)."""
     starts = range(0, len(pairs), batch_size)
-    with saes_attached(rm, list(by_hook.values())):
+    with saes_attached(rm, saes), rm.counting("contexts"):
         for start in tqdm(starts, desc="reading contexts", disable=not progress or len(starts) < 2):
             batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx,
                                  text_format=rm.text_format)
             for side_index, side in enumerate((batch.chosen, batch.rejected)):
                 side = side.to(rm.cfg.device)
                 reading.add(start, side_index, side, feature_acts(rm, side.tokens, side.attention_mask))
-    return {f: _summarise(rm.tokenizer, f, reading, n_contexts=n_contexts, n_tokens=n_tokens, before=before, after=after)
-            for f in features}
 
 
 class _Reading:
@@ -142,13 +165,13 @@ class _Reading:
     and first token left out as asked), each token type's strongest firing, each completion's peak,
     and the activation at each text's last token."""
 
-    def __init__(self, features: list[Feature], n_pairs: int, *, skip_first: bool, skip_last: bool):
+    def __init__(self, features: list[Node], n_pairs: int, *, skip_first: bool, skip_last: bool):
         self.columns: dict[str, list[int]] = defaultdict(list)
-        for hook, index in features:
-            self.columns[hook].append(index)
+        for node in features:
+            self.columns[node.hook_name].append(node.feature)
         self.skip_first, self.skip_last, self.n_pairs = skip_first, skip_last, n_pairs
-        self.firings: dict[Feature, list[tuple[float, int, int]]] = {f: [] for f in features}  # (act, text, pos)
-        self.by_token: dict[Feature, dict[int, float]] = {f: defaultdict(float) for f in features}
+        self.firings: dict[Node, list[tuple[float, int, int]]] = {f: [] for f in features}  # (act, text, pos)
+        self.by_token: dict[Node, dict[int, float]] = {f: defaultdict(float) for f in features}
         self.completion_max = {f: torch.zeros(n_pairs, 2) for f in features}
         self.last_sum = {f: 0.0 for f in features}
         self.texts: list[tuple[int, str, list[int], int]] = []  # (pair, side, ids, completion_start)
@@ -174,17 +197,17 @@ class _Reading:
             peaks = (hook_acts * in_completion[..., None]).amax(1).cpu()  # [batch, n_indices]
             at_last = hook_acts[rows, last].sum(0).cpu()
             for column, index in enumerate(indices):
-                self.completion_max[(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
-                self.last_sum[(hook, index)] += float(at_last[column])
+                self.completion_max[Node(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
+                self.last_sum[Node(hook, index)] += float(at_last[column])
             kept = (hook_acts * keep[..., None]).cpu()
             for row, pos, column in (kept > 0).nonzero().tolist():
-                feature, value = (hook, indices[column]), float(kept[row, pos, column])
+                feature, value = Node(hook, indices[column]), float(kept[row, pos, column])
                 self.firings[feature].append((value, offset + row, pos))
                 token = self.texts[offset + row][2][pos]
                 self.by_token[feature][token] = max(self.by_token[feature][token], value)
 
 
-def _summarise(tokenizer: Any, feature: Feature, reading: _Reading, *, n_contexts: int, n_tokens: int, before: int,
+def _summarise(tokenizer: Any, feature: Node, reading: _Reading, *, n_contexts: int, n_tokens: int, before: int,
                after: int) -> FeatureContexts:
     firings, texts = reading.firings[feature], reading.texts
     acts_by_text: dict[int, dict[int, float]] = defaultdict(dict)
@@ -210,7 +233,7 @@ def _summarise(tokenizer: Any, feature: Feature, reading: _Reading, *, n_context
         ))
     top = sorted(reading.by_token[feature].items(), key=lambda item: -item[1])[:n_tokens]
     return FeatureContexts(
-        hook_name=feature[0], feature=feature[1], contexts=contexts,
+        node=feature, contexts=contexts,
         top_tokens=[(tokenizer.decode([token]), value) for token, value in top],
         firing_rate=len(firings) / max(1, reading.n_tokens_seen),
         completion_max=reading.completion_max[feature],

@@ -3,20 +3,22 @@
 import pytest
 import torch
 
+from pm_lens import Node
 from pm_lens.attribution import ablate
-from pm_lens.attribution.nodes import run_with_deltas
 from pm_lens.attribution.positions import divergence, pair_masks
 from pm_lens.data import encode_pairs
 from tests.attribution.conftest import HOOKS
 
 
-@pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_batched_equals_one_by_one(rm, pairs, saes, mode):
-    features = [(HOOKS[0], i) for i in range(0, 40, 3)] + [(HOOKS[1], i) for i in (1, 5, 9)] + [(HOOKS[0], -1), (HOOKS[1], -1)]
-    kwargs = dict(saes=saes, features=features, mode=mode, progress=False)
+@pytest.mark.parametrize("baseline", ["zero", "mean"])
+def test_batched_equals_one_by_one(rm, pairs, saes, baseline):
+    features = ([(HOOKS[0], i) for i in range(0, 40, 3)] + [(HOOKS[1], i) for i in (1, 5, 9)]
+                + [(HOOKS[0], "error"), Node.error(HOOKS[1])])
+    kwargs = dict(saes=saes, features=features, baseline=baseline, progress=False)
     batched = ablate(rm, pairs, batch_tokens=200, **kwargs)
     looped = ablate(rm, pairs, batched=False, **kwargs)
-    assert batched.nodes == looped.nodes == features
+    expected = tuple(Node(h, None if i == "error" else i) for h, i in features[:-1]) + (Node.error(HOOKS[1]),)
+    assert batched.nodes == looped.nodes == expected
     assert torch.allclose(batched.chosen, looped.chosen, atol=1e-5)
     assert torch.allclose(batched.rejected, looped.rejected, atol=1e-5)
     assert batched.margin.abs().max() > 1e-3  # the ablations do something
@@ -25,7 +27,7 @@ def test_batched_equals_one_by_one(rm, pairs, saes, mode):
 def test_ablation_is_what_it_says(rm, pairs, saes):
     """Removing a feature by hand (encode, zero it, decode, add the error back) gives the same change."""
     hook, index = HOOKS[0], 7
-    result = ablate(rm, pairs[:1], saes=saes, features=[(hook, index)], progress=False)
+    result = ablate(rm, pairs[:1], saes=saes, features=[(hook, index)], skip_first=False, progress=False)
     side = encode_pairs(rm.tokenizer, pairs[:1], max_len=128).chosen
     sae = saes[0]
 
@@ -59,8 +61,8 @@ def test_joint_ablation_is_removal_in_one_run(rm, pairs, saes, hooks_used):
     """Across hooks, each hook removes its features from the activation as it arrives (after the
     earlier removal); at one hook that is the clean-run deltas added."""
     features = [(HOOKS[0], 112), (HOOKS[0], 44), (HOOKS[1], 89), (HOOKS[1], 37)][: 2 * hooks_used]
-    joint = ablate(rm, pairs, saes=saes, features=features, jointly=True, progress=False)
-    assert joint.nodes == [("joint", len(features))] and joint.margin.shape == (3, 1)
+    joint = ablate(rm, pairs, saes=saes, features=features, jointly=True, skip_first=False, progress=False)
+    assert joint.joint and joint.nodes == tuple(Node(h, i) for h, i in features) and joint.margin.shape == (3, 1)
     side = encode_pairs(rm.tokenizer, pairs, max_len=128).chosen
     fwd_hooks = [(HOOKS[h], _remove_by_hand(saes[h], [i for name, i in features if name == HOOKS[h]]))
                  for h in range(hooks_used)]
@@ -86,11 +88,11 @@ def test_divergence_and_masks(rm, pairs):
     assert (completion.sum(1) == batch.chosen.attention_mask.sum(1) - batch.chosen.completion_start).all()
 
 
-def test_run_with_deltas_start_at_layer_matches_full_run(rm, pairs):
+def test_run_from_a_layer_matches_the_full_run(rm, pairs):
     side = encode_pairs(rm.tokenizer, pairs, max_len=128).chosen
-    full, xs, _ = run_with_deltas(rm, side, ["blocks.2.hook_resid_pre"])
-    restarted, _, _ = run_with_deltas(rm, side, [], residual=xs["blocks.2.hook_resid_pre"], start_at_layer=2)
-    assert torch.allclose(full, restarted, atol=1e-5)
+    full = rm.run_with_deltas(side.tokens, side.attention_mask, read=[rm.layer_input(2)])
+    restarted = rm.run_from(full.acts[rm.layer_input(2)], side.attention_mask, layer=2)
+    assert torch.allclose(full.rewards, restarted, atol=1e-5)
 
 
 def test_bad_features(rm, pairs, saes):
@@ -98,22 +100,26 @@ def test_bad_features(rm, pairs, saes):
         ablate(rm, pairs, saes=saes, features=[(HOOKS[0], 500)])
     with pytest.raises(ValueError, match=r"no SAE at 'blocks.0.hook_resid_post'; SAEs are at"):
         ablate(rm, pairs, saes=saes, features=[("blocks.0.hook_resid_post", 1)])
-    with pytest.raises(ValueError, match="no features to ablate"):
+    with pytest.raises(ValueError, match="no nodes given"):
         ablate(rm, pairs, saes=saes, features=[])
-    with pytest.raises(ValueError, match="mode must be one of"):
-        ablate(rm, pairs, saes=saes, features=[(HOOKS[0], 1)], mode="resample")
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        ablate(rm, pairs, saes=saes, features=[(HOOKS[0], 1)], baseline="resample")
+    with pytest.raises(ValueError, match=r"feature index -1 at blocks.1.hook_resid_post is negative; an error node is"):
+        ablate(rm, pairs, saes=saes, features=[(HOOKS[0], -1)])
 
 
 def test_features_in_the_forms_users_give_them(rm, pairs, saes):
     hook = saes[0].cfg.metadata.hook_name
     listed = ablate(rm, pairs, saes=saes, features=[(hook, 3)], progress=False)
     one = ablate(rm, pairs, saes=saes, features=(hook, 3), progress=False)
-    assert one.nodes == [(hook, 3)] and torch.equal(one.chosen, listed.chosen)
+    assert one.nodes == (Node(hook, 3),) and torch.equal(one.chosen, listed.chosen)
     bare = ablate(rm, pairs, saes=saes[:1], features=[3], progress=False)
-    assert bare.nodes == [(hook, 3)] and torch.allclose(bare.chosen, listed.chosen)
+    assert bare.nodes == (Node(hook, 3),) and torch.allclose(bare.chosen, listed.chosen)
+    named = ablate(rm, pairs, saes=saes, features=[f"{hook}:3"], progress=False)
+    assert named.nodes == (Node(hook, 3),) and torch.equal(named.chosen, listed.chosen)
     with pytest.raises(TypeError, match=r"feature 3 is a bare index, but there are SAEs at .*give \(hook_name, index\) pairs"):
         ablate(rm, pairs, saes=saes, features=[3], progress=False)
-    with pytest.raises(TypeError, match=r"a feature index must be an integer, got 'x'"):
+    with pytest.raises(TypeError, match=r"a feature index must be an integer \(or 'error'\), got 'x'"):
         ablate(rm, pairs, saes=saes, features=[(hook, "x")], progress=False)
     single = ablate(rm, pairs[0], saes=saes, features=(hook, 3), progress=False)
     assert single.chosen.shape == (1, 1)

@@ -1,11 +1,13 @@
 """Attribution patching against exact ablation."""
 
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+from pm_lens import Node
 from pm_lens.attribution import ablate, attribute, check_fidelity
 from pm_lens.scoring import score_pairs
 from pm_lens.saes import attach_saes
@@ -31,7 +33,7 @@ def test_atp_is_exact_where_the_reward_is_linear(rm, pairs):
     assert result.effects["ln_final.hook_normalized"].is_sparse
     firing = result.active["ln_final.hook_normalized"].to_dense().any(0).nonzero().flatten().tolist()
     assert len(firing) > 5
-    nodes = [("ln_final.hook_normalized", f) for f in firing] + [("ln_final.hook_normalized", -1)]
+    nodes = [("ln_final.hook_normalized", f) for f in firing] + [("ln_final.hook_normalized", "error")]
     exact = ablate(rm, pairs, saes=[sae], features=nodes, progress=False)
     assert torch.allclose(effects[:, firing], exact.margin[:, :-1], atol=1e-4, rtol=1e-5)
     assert torch.allclose(result.error_effects["ln_final.hook_normalized"], exact.margin[:, -1], atol=1e-4)
@@ -76,7 +78,7 @@ def test_retarget_recombines_the_sides_without_a_run(rm, pairs, saes):
     rejected = attribute(rm, pairs, saes=saes, target="rejected", progress=False)
     margin = attribute(rm, pairs, saes=saes, progress=False)
     total = margin.retarget("sum")
-    assert total.settings["target"] == "sum" and margin.settings["target"] == "margin"
+    assert total.settings.target == "sum" and margin.settings.target == "margin"
     for hook in margin.effects:
         assert torch.allclose(margin.retarget("chosen").dense_effects(hook), chosen.dense_effects(hook), atol=1e-6)
         assert torch.allclose(total.dense_effects(hook), chosen.dense_effects(hook) + rejected.dense_effects(hook), atol=1e-6)
@@ -97,7 +99,7 @@ def test_subset_is_the_attribution_of_those_pairs(rm, pairs, saes):
     assert torch.allclose(part.retarget("sum").total, alone.retarget("sum").total, atol=1e-4)
     assert torch.allclose(part.clean_margin, alone.clean_margin, atol=1e-5)
     scores = score_pairs(rm, pairs, progress=False)
-    assert full.clean["chosen"].numpy() == pytest.approx(scores.chosen_reward.to_numpy(), abs=1e-4)
+    assert full.chosen.rewards.numpy() == pytest.approx(scores.chosen_reward.to_numpy(), abs=1e-4)
     assert full.clean_margin.numpy() == pytest.approx(scores.margin.to_numpy(), abs=1e-4)
     with pytest.raises(ValueError, match="indices must be"):
         full.subset([3])
@@ -126,14 +128,20 @@ def test_mean_baseline(rm, pairs, saes):
 def test_ranking_table(rm, pairs, saes):
     result = attribute(rm, pairs, saes=saes, progress=False)
     table = result.ranking()
-    assert list(table.columns) == ["hook_name", "node", "feature", "effect", "mean_abs_effect", "sign_agreement",
+    assert list(table.columns) == ["node", "hook_name", "feature", "kind", "effect", "mean_abs_effect", "sign_agreement",
                                    "n_pairs_active", "outlier_share"]
     assert table.effect.abs().is_monotonic_decreasing
-    assert set(table.node) == {"feature", "error"}
+    assert set(table.kind) == {"feature", "error"}
+    # One spelling of a node: its string form, parsed back to the same node.
+    for row in table.itertuples():
+        node = Node.parse(row.node)
+        assert node.hook_name == row.hook_name
+        assert (node.is_error and pd.isna(row.feature)) or node.feature == row.feature
+    assert result.top_nodes(3) == [Node.parse(name) for name in result.top_features(3).node]
     assert ((table.n_pairs_active >= 1) & (table.n_pairs_active <= len(pairs))).all()
     raising, lowering = result.top_features(5, direction="raising"), result.top_features(5, direction="lowering")
     assert (raising.effect < 0).all() and (lowering.effect > 0).all()
-    row = table[table.node == "feature"].iloc[0]
+    row = table[table.kind == "feature"].iloc[0]
     per_pair = result.dense_effects(row.hook_name)[:, int(row.feature)]
     assert row.effect == pytest.approx(float(per_pair.mean()), rel=1e-5)
 

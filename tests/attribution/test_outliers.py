@@ -69,12 +69,12 @@ def test_the_sink_is_found_and_its_feature_named(rm):
     sink_positions = result.outliers
     assert set(sink_positions.side) == {"chosen", "rejected"}
     assert (sink_positions.norm_ratio > 10).all()
-    row = result.ranking().query("feature == 0 and node == 'feature'").iloc[0]
+    row = result.ranking().query("feature == 0 and kind == 'feature'").iloc[0]
     assert row.outlier_share == pytest.approx(1.0, abs=1e-6)
     assert result.outlier_effects[HOOK].to_dense()[:, 0].tolist() == pytest.approx(
         result.effects[HOOK].to_dense()[:, 0].tolist(), abs=1e-6)
     # The ordinary features owe nothing to the sink.
-    ordinary = result.ranking().query("node == 'feature' and feature != 0")
+    ordinary = result.ranking().query("kind == 'feature' and feature != 0")
     assert (ordinary.outlier_share.abs() < 0.5).all()
 
 
@@ -123,6 +123,6 @@ def test_the_first_token_is_left_out_of_attribution_by_default(rm):
             everything = attribute(rm, starting, saes=[sae], skip_first=False, progress=False)
     finally:
         rm.text_format = "auto"
-    assert default.settings["skip_first"] is True and default.settings["text_format"] == "raw"
+    assert default.settings.skip_first is True and default.settings.text_format == "raw"
     assert default.effects[HOOK].to_dense()[:, 0].abs().max() == 0
     assert everything.effects[HOOK].to_dense()[:, 0].abs().max() > 0

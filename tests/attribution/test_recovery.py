@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pm_lens import Node
 from pm_lens.attribution import ablate, attribute
 from pm_lens.attribution.recovery import recover, recovered_features
 from pm_lens.scoring import score_pairs
@@ -27,7 +28,7 @@ def test_recovery_where_the_reward_is_linear(rm, pairs):
     sign = 1 if margins[2] >= 0 else -1
     carriers = [i for i in torch.argsort(effects * sign).tolist() if effects[i] * sign < 0][:3]
     assert table.features[1] == " ".join(f"{HOOK}:{i}" for i in carriers)
-    assert recovered_features(table.features[1]) == [(HOOK, i) for i in carriers]
+    assert recovered_features(table.features[1]) == [Node(HOOK, i) for i in carriers]
     joint = ablate(rm, pairs[2:], saes=[sae], features=[(HOOK, i) for i in carriers], jointly=True, progress=False)
     assert table.removed[1] == pytest.approx(float(joint.margin.mean()), abs=1e-6)
 

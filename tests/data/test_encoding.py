@@ -142,10 +142,9 @@ def test_results_record_the_text_format(tokenizer):
     rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=2), tokenizer)
     pairs = [PreferencePair(HH_PROMPT, "Paris.", "I don't know.")]
     sae = sparse_sae_for(rm, "blocks.0.hook_resid_post", encode_pairs(tokenizer, pairs, max_len=128).chosen.tokens, d_sae=32)
-    assert attribute(rm, pairs, saes=[sae], progress=False).settings["text_format"] == "hh"
+    assert attribute(rm, pairs, saes=[sae], progress=False).settings.text_format == "hh"
     rm.text_format = "raw"
-    assert ablate(rm, pairs, saes=[sae], features=[("blocks.0.hook_resid_post", 0)], progress=False).settings[
-        "text_format"] == "raw"
+    assert ablate(rm, pairs, saes=[sae], features=[("blocks.0.hook_resid_post", 0)], progress=False).settings.text_format == "raw"
 
 
 # ---- pairs in the forms users give them --------------------------------------------------------

@@ -5,6 +5,7 @@ import torch
 
 from pm_lens import PreferencePair, RewardModel
 from pm_lens.data import encode_pairs
+from pm_lens import Node, attribute
 from pm_lens.saes.contexts import top_contexts
 from pm_lens.testing import tiny_hf_reward_model
 from tests.saes.helpers import build_standard_sae, sparse_sae_for
@@ -46,7 +47,7 @@ def test_contexts_are_the_strongest_firings(rm, skip_first, skip_last):
     index = max(reference, key=lambda i: len(reference[i]))  # the feature that fires most
     result = top_contexts(rm, [sae], PAIRS, [(HOOK, index)], n_contexts=3, skip_first=skip_first, skip_last=skip_last,
                           progress=False)
-    found = result[(HOOK, index)]
+    found = result[Node(HOOK, index)]
     expected = sorted(reference[index], key=lambda r: -r[0])
     assert found.contexts[0].max_act == pytest.approx(expected[0][0], rel=1e-5)
     assert [c.max_act for c in found.contexts] == sorted((c.max_act for c in found.contexts), reverse=True)
@@ -85,3 +86,21 @@ def test_bad_features_are_named(rm):
         top_contexts(rm, [sae], PAIRS, [("blocks.0.hook_resid_post", 1)], progress=False)
     with pytest.raises(ValueError, match="valid are 0..63"):
         top_contexts(rm, [sae], PAIRS, [(HOOK, 64)], progress=False)
+
+
+def test_a_clean_run_gives_the_same_contexts_without_running_the_model(rm):
+    sae = sparse_sae_for(rm, HOOK, encode_pairs(rm.tokenizer, PAIRS, max_len=128).chosen.tokens, seed=3, d_sae=64)
+    attribution = attribute(rm, PAIRS, saes=[sae], progress=False)
+    nodes = attribution.top_nodes(4)
+    before = rm.forward_count.snapshot()
+    from_clean = top_contexts(rm, [sae], PAIRS, nodes, skip_last=True, clean=attribution.clean_run, progress=False)
+    assert rm.forward_count.since(before).as_dict()["total"]["passes"] == 0
+    by_running = top_contexts(rm, [sae], PAIRS, nodes, skip_last=True, progress=False)
+    assert rm.forward_count.since(before).as_dict()["contexts"]["passes"] == 2  # one batch, two sides
+    for node in nodes:
+        a, b = from_clean[node], by_running[node]
+        assert [(c.pair, c.side, c.peak, c.tokens) for c in a.contexts] == [(c.pair, c.side, c.peak, c.tokens) for c in b.contexts]
+        assert [c.max_act for c in a.contexts] == pytest.approx([c.max_act for c in b.contexts], rel=1e-5)
+        assert [t for t, _ in a.top_tokens] == [t for t, _ in b.top_tokens]
+        assert a.firing_rate == b.firing_rate and a.last_token_mean == pytest.approx(b.last_token_mean, rel=1e-5)
+        torch.testing.assert_close(a.completion_max, b.completion_max)

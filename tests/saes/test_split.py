@@ -162,7 +162,7 @@ def _check_against_splice(rm, sae):
     _, (acts, grad) = _spliced(rm, sae, None, grad=True)
     _, mask = _tokens(rm)
     reference = (grad * -acts * mask[..., None]).sum(1)
-    estimated = atp.sides["chosen"]["features"][hook].to_dense()
+    estimated = atp.chosen.features[hook].to_dense()
     torch.testing.assert_close(estimated[:, features], reference[:, features], atol=2e-4, rtol=1e-3)
 
 

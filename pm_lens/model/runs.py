@@ -1,0 +1,275 @@
+"""What the reward model does for the other stages: runs with deltas at hooks, restarts at a layer,
+pooled rewards, the token embedding, and a count of its forward passes.
+
+Attribution, ablation, contexts and the exploit search all need the same few things from the
+model: add a change to the activation at some hooks and read the reward (and the gradient of the
+reward with respect to those activations); restart a forward at a layer from a cached residual;
+know which block a hook belongs to and where to stop; swap token embeddings for one-hot vectors.
+They are methods of :class:`pm_lens.model.RewardModel` (through :class:`ModelRuns`), so no other
+stage spells a TransformerLens hook name or argument by hand.
+
+Every forward pass is counted by purpose (``"clean"``, ``"ablation"``, ``"ig"``, ...; set with
+:meth:`ModelRuns.counting`), in passes, sequences and tokens: a run reports what it cost, and tests
+check that the clean forward of each text runs once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Delta = Tensor | Callable[[Tensor], Tensor]
+
+
+def final_positions(
+    tokens: Int[Tensor, "batch pos"] | None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    pad_token_id: int | None = None,
+) -> Int[Tensor, " batch"]:
+    """The position whose output is the reward: the last attended (or non-pad) token.
+
+    With an ``attention_mask`` the last position where it is 1; otherwise, as Hugging Face
+    does, the last position whose token is not ``pad_token_id``; with neither, the last
+    position. Works for left and right padding.
+    """
+    if attention_mask is None and tokens is None:
+        raise ValueError("final_positions needs tokens or an attention mask")
+    shape_of = attention_mask if attention_mask is not None else tokens
+    batch, n_pos = shape_of.shape
+    if attention_mask is None and pad_token_id is None:
+        return torch.full((batch,), n_pos - 1, dtype=torch.long, device=shape_of.device)
+    keep = attention_mask.bool() if attention_mask is not None else tokens != pad_token_id
+    empty = (~keep.any(dim=-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequences {empty} of the batch have no tokens (all padding)")
+    index = torch.arange(n_pos, device=shape_of.device)
+    return (index * keep).argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class DeltaRun:
+    """What :meth:`ModelRuns.run_with_deltas` saw.
+
+    Attributes:
+        rewards: ``[batch]`` the pooled rewards.
+        acts: per hook read, its activation (after its delta), in the hook's own layout.
+        grads: per hook in ``grad_at``, d(sum of rewards)/d(hook output).
+    """
+
+    rewards: Float[Tensor, " batch"]
+    acts: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ForwardCount:
+    """Forward passes of a model by purpose: passes, sequences (rows) and tokens (rows x pos)."""
+
+    passes: Counter = field(default_factory=Counter)
+    sequences: Counter = field(default_factory=Counter)
+    tokens: Counter = field(default_factory=Counter)
+
+    def add(self, purpose: str, rows: int, positions: int) -> None:
+        self.passes[purpose] += 1
+        self.sequences[purpose] += rows
+        self.tokens[purpose] += rows * positions
+
+    def since(self, before: "ForwardCount") -> "ForwardCount":
+        """The passes counted after ``before`` (a :meth:`snapshot`)."""
+        return ForwardCount(self.passes - before.passes, self.sequences - before.sequences, self.tokens - before.tokens)
+
+    def snapshot(self) -> "ForwardCount":
+        return ForwardCount(Counter(self.passes), Counter(self.sequences), Counter(self.tokens))
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        """``{purpose: {"passes", "sequences", "tokens"}}`` plus a ``"total"`` entry."""
+        out = {p: {"passes": self.passes[p], "sequences": self.sequences[p], "tokens": self.tokens[p]}
+               for p in sorted(self.passes)}
+        out["total"] = {key: sum(getattr(self, key).values()) for key in ("passes", "sequences", "tokens")}
+        return out
+
+
+class ModelRuns:
+    """The model's services to the other stages (mixed into ``RewardModel``)."""
+
+    # ---- hooks and layers ---------------------------------------------------------------------
+
+    @staticmethod
+    def hook_layer(hook_name: str) -> int | None:
+        """The block a hook belongs to (``blocks.L.…`` → L), or None outside the blocks."""
+        parts = hook_name.split(".")
+        return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
+
+    @staticmethod
+    def layer_input(layer: int) -> str:
+        """The hook holding block ``layer``'s input (the residual stream a restart starts from)."""
+        return f"blocks.{layer}.hook_resid_pre"
+
+    @staticmethod
+    def is_layer_output(hook_name: str) -> bool:
+        """Whether the hook is its block's output (so a restart can begin at the next block)."""
+        return hook_name.endswith(".hook_resid_post") and hook_name.startswith("blocks.")
+
+    def stop_layer(self, hook_names: Sequence[str]) -> int | None:
+        """One past the last block any hook needs; None (run everything) for hooks after the blocks."""
+        layers = []
+        for name in hook_names:
+            layer = self.hook_layer(name)
+            if layer is not None:
+                layers.append(layer)
+            elif name.startswith("hook_"):  # the embeddings, before block 0
+                layers.append(-1)
+            else:
+                return None
+        last = max(layers) + 1
+        return None if last >= self.cfg.n_layers else last
+
+    def hook_shapes(self, hook_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """The trailing shape of the activation at each hook: ``(d,)``, or ``(n_heads, d_head)``
+        for per-head hooks. Learned from one two-token run, once per model and hook."""
+        cache = self.__dict__.setdefault("_hook_shapes", {})
+        missing = [name for name in hook_names if name not in cache]
+        if missing:
+            def record(act: Tensor, hook: Any) -> None:
+                cache[hook.name] = tuple(act.shape[2:])
+
+            tokens = torch.zeros((1, 2), dtype=torch.long, device=self.cfg.device)
+            with torch.no_grad(), self.counting("probe"):
+                self.run_with_hooks(tokens, fwd_hooks=[(name, record) for name in missing],
+                                    stop_at_layer=self.stop_layer(missing))
+        return {name: cache[name] for name in hook_names}
+
+    # ---- counting -------------------------------------------------------------------------------
+
+    @property
+    def forward_count(self) -> ForwardCount:
+        """Every forward pass of this model so far, by purpose."""
+        return self.__dict__.setdefault("_forward_count", ForwardCount())
+
+    @contextmanager
+    def counting(self, purpose: str) -> Iterator[None]:
+        """Count the forward passes inside the block under ``purpose``."""
+        previous = self.__dict__.get("_purpose", "other")
+        self.__dict__["_purpose"] = purpose
+        try:
+            yield
+        finally:
+            self.__dict__["_purpose"] = previous
+
+    def count_forward(self, input: Tensor) -> None:  # noqa: A002
+        rows, positions = (input.shape[0], input.shape[1]) if input.ndim >= 2 else (1, input.shape[0])
+        self.forward_count.add(self.__dict__.get("_purpose", "other"), rows, positions)
+
+    # ---- runs -----------------------------------------------------------------------------------
+
+    def pool(self, per_position: Float[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+        """The reward of each row: ``per_position`` at the last attended position."""
+        return per_position.gather(1, final_positions(None, attention_mask)[:, None])[:, 0]
+
+    def run_with_deltas(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"],
+        *,
+        read: Sequence[str] = (),
+        deltas: Mapping[str, Delta] | None = None,
+        grad_at: Sequence[str] = (),
+    ) -> DeltaRun:
+        """Run the model, adding ``deltas[hook]`` to the activation at each hook, and read the
+        activations at the hooks in ``read`` and d(sum of rewards)/d(hook output) at those in
+        ``grad_at`` (the parameters get no gradient from this).
+
+        A delta is a tensor, or a function of the activation as it arrives in this run (for
+        removals that depend on what earlier hooks changed), flat (``[..., d_in]``) or in the
+        hook's layout.
+        """
+        with self._delta_hooks(read, deltas, grad_at) as state:
+            rewards = self.reward(tokens, attention_mask)
+            return state.finish(rewards, read)
+
+    def run_from(
+        self,
+        residual: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch pos"],
+        *,
+        layer: int,
+        deltas: Mapping[str, Delta] | None = None,
+    ) -> Float[Tensor, " batch"]:
+        """Rewards of a forward restarted at block ``layer`` from ``residual`` (that block's input),
+        with ``deltas`` added at later hooks."""
+        with self._delta_hooks((), deltas, ()) as state:
+            per_position = self(residual, start_at_layer=layer, attention_mask=attention_mask)[..., 0]
+            return state.finish(self.pool(per_position, attention_mask), ()).rewards
+
+    @contextmanager
+    def _delta_hooks(self, read: Sequence[str], deltas: Mapping[str, Delta] | None, grad_at: Sequence[str]) -> Iterator[Any]:
+        deltas = deltas or {}
+        state = _HookState(grad_at)
+
+        def hook_fn(act: Tensor, hook: Any) -> Tensor:
+            if hook.name in deltas:
+                delta = deltas[hook.name]
+                # Deltas may be flat ([..., d_in]); per-head activations are [..., n_heads, d_head].
+                act = act + (delta(act) if callable(delta) else delta).reshape(act.shape)
+            return state.see(hook.name, act)
+
+        names = sorted(set(read) | set(deltas) | set(grad_at))
+        with torch.set_grad_enabled(bool(grad_at)), self.hooks(fwd_hooks=[(name, hook_fn) for name in names]):
+            yield state
+
+    def activations(
+        self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None, hook_names: Sequence[str]
+    ) -> dict[str, Tensor]:
+        """The activations at ``hook_names`` (in each hook's layout, not detached), running the
+        model only as far as the last of them needs."""
+        seen: dict[str, Tensor] = {}
+
+        def read(act: Tensor, hook: Any) -> None:
+            seen[hook.name] = act
+
+        with self.hooks(fwd_hooks=[(name, read) for name in hook_names]):
+            self(tokens, attention_mask=attention_mask, stop_at_layer=self.stop_layer(hook_names))
+        return seen
+
+    # ---- token embeddings -----------------------------------------------------------------------
+
+    def token_embedding(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The token embedding matrix (detached)."""
+        return self.W_E.detach()
+
+    @contextmanager
+    def embeddings_replaced(self, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
+        """Within the block, every forward's token embeddings ``[batch, pos, d_model]`` go through
+        ``replace`` (e.g. to put one-hot vectors times the embedding matrix in a span)."""
+        with self.hooks(fwd_hooks=[("hook_embed", lambda embed, hook: replace(embed))]):
+            yield
+
+
+class _HookState:
+    """The activations and gradient leaves one run's hooks collect."""
+
+    def __init__(self, grad_at: Sequence[str]):
+        self.grad_at = set(grad_at)
+        self.seen: dict[str, Tensor] = {}
+        self.leaves: dict[str, Tensor] = {}
+
+    def see(self, name: str, act: Tensor) -> Tensor:
+        self.seen[name] = act.detach()
+        if name in self.grad_at:
+            self.leaves[name] = torch.zeros_like(act, requires_grad=True)
+            act = act + self.leaves[name]
+        return act
+
+    def finish(self, rewards: Tensor, read: Sequence[str]) -> DeltaRun:
+        grads = {}
+        if self.leaves:
+            wanted = list(self.leaves)
+            grads = dict(zip(wanted, torch.autograd.grad(rewards.sum(), [self.leaves[n] for n in wanted])))
+        return DeltaRun(rewards=rewards.detach(), acts={n: self.seen[n] for n in read if n in self.seen}, grads=grads)
