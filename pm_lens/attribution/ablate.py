@@ -15,10 +15,14 @@ attributions linearises.
 Batched (the default), per batch of pairs and side:
 1. the clean run (:mod:`pm_lens.attribution.clean`: given, or run here once) holds the reward,
    each hook's nodes and the block inputs a restart needs;
-2. for the nodes of one hook, the rows where the node is nonzero are stacked along the batch (up to
-   ``batch_tokens`` tokens per forward), each with its delta, and the forward restarts at the
-   hook's block from the cached input (for a block output, at the next block). A row where the
-   node is zero at every selected position is unchanged by its removal and is not run at all.
+2. for the nodes of one hook, the rows where the node is nonzero are stacked along the batch, each
+   with its delta, and the forward restarts at the hook's block from the cached input (for a
+   block output, at the next block). A row where the node is zero at every selected position is
+   unchanged by its removal and is not run at all;
+3. a removal changes nothing before the first position where the node is nonzero, and attention
+   is causal, so only positions from there on are recomputed, attending to the clean keys and
+   values of the earlier ones (read once per side, ``RewardModel.prefix_kv``); rows are grouped by
+   that first position so each forward (up to ``batch_tokens`` recomputed tokens) starts late.
 With ``batched=False`` every node gets a full forward of its own (the reference the batched path
 is tested against, and the baseline of ``benchmarks/attribution_cost.py``).
 """
@@ -172,27 +176,11 @@ def ablate(
     clean_settings = CleanSettings(positions, skip_first, rm.text_format, truncate)
     if clean is not None:
         clean.check_fits(pairs, by_hook, clean_settings)
-    at_outliers: set[Node] = set()
-    columns: dict[str, list[Tensor]] = {side: [] for side in SIDES}
-    rewards: dict[str, list[Tensor]] = {side: [] for side in SIDES}
     with plain_model(rm, by_hook):
         baselines = _baselines(rm, by_hook, baselines, baseline, reference_pairs, pairs, clean_settings, batch_tokens)
         batches = clean.batches if clean is not None else pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate)
-        for b, batch in enumerate(tqdm(batches, desc="ablating", disable=not progress or len(batches) < 2)):
-            masks = pair_masks(batch, positions, skip_first=skip_first)
-            for side, mask in zip(SIDES, masks):
-                run = clean.side(rm, b, side) if clean is not None else clean_side(rm, getattr(batch, side), mask, by_hook)[0]
-                runner = _SideAblation(rm, run, by_hook, baselines)
-                with rm.counting("ablation"):
-                    if every:
-                        result = runner.remove_all()
-                    elif jointly:
-                        result = runner.joint(nodes)
-                    else:
-                        result = runner.each(nodes, batched=batched, budget=batch_tokens)
-                at_outliers |= runner.at_outliers(nodes) if not every else set()
-                columns[side].append(result)
-                rewards[side].append(run.rewards)
+        columns, rewards, at_outliers = _run_batches(rm, batches, clean, by_hook, baselines, nodes, settings,
+                                                     every=every, batched=batched, budget=batch_tokens, progress=progress)
     if at_outliers:
         _warn_at_outliers(at_outliers)
 
@@ -201,6 +189,31 @@ def ablate(
 
     return Ablation(nodes=tuple(nodes), joint=settings.joint, chosen=cat(columns["chosen"]), rejected=cat(columns["rejected"]),
                     clean_chosen=cat(rewards["chosen"]), clean_rejected=cat(rewards["rejected"]), settings=settings)
+
+
+def _run_batches(rm: RewardModel, batches: Any, clean: CleanRun | None, saes: dict[str, SAE], baselines: dict[str, Tensor],
+                 nodes: list[Node], settings: AblationSettings, *, every: bool, batched: bool, budget: int,
+                 progress: bool) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]], set[Node]]:
+    """Per batch and side, the clean run (kept or run now) and the ablations from it."""
+    at_outliers: set[Node] = set()
+    columns: dict[str, list[Tensor]] = {side: [] for side in SIDES}
+    rewards: dict[str, list[Tensor]] = {side: [] for side in SIDES}
+    for b, batch in enumerate(tqdm(batches, desc="ablating", disable=not progress or len(batches) < 2, unit="batch")):
+        masks = pair_masks(batch, settings.positions, skip_first=settings.skip_first)
+        for side, mask in zip(SIDES, masks):
+            run = clean.side(rm, b, side) if clean is not None else clean_side(rm, getattr(batch, side), mask, saes)[0]
+            runner = _SideAblation(rm, run, saes, baselines)
+            with rm.counting("ablation"):
+                if every:
+                    result = runner.remove_all()
+                elif settings.joint:
+                    result = runner.joint(nodes)
+                else:
+                    result = runner.each(nodes, batched=batched, budget=budget)
+            at_outliers |= runner.at_outliers(nodes) if not every else set()
+            columns[side].append(result)
+            rewards[side].append(run.rewards)
+    return columns, rewards, at_outliers
 
 
 def _every_node(saes: Mapping[str, SAE]) -> list[Node]:
@@ -236,6 +249,7 @@ class _SideAblation:
         self.mask = run.mask
         self.directions = {hook: directions(sae) for hook, sae in saes.items()}
         self._acts: dict[str, Tensor] = {}
+        self._prefix: Any = None
 
     def acts(self, hook: str) -> Tensor:
         if hook not in self._acts:
@@ -252,13 +266,22 @@ class _SideAblation:
                 found |= {n for n in nodes if n.hook_name == hook and (n.is_error or bool((acts[:, n.feature] != 0).any()))}
         return found
 
-    def delta(self, node: Node) -> Tensor:
+    def delta(self, node: Node, rows: Tensor | None = None) -> Tensor:
+        """The change of the activation at ``node``'s hook when it is removed (``[rows, pos, d_in]``)."""
         nodes = self.run.nodes[node.hook_name]
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         with torch.no_grad():
             if node.is_error:
-                return error_delta(nodes.error, self.mask)
-            return feature_delta(self.acts(node.hook_name)[..., node.feature], self.baselines[node.hook_name][node.feature],
-                                 self.directions[node.hook_name][node.feature], nodes.scale, self.mask)
+                return error_delta(pick(nodes.error), pick(self.mask))
+            return feature_delta(pick(self.acts(node.hook_name)[..., node.feature]), self.baselines[node.hook_name][node.feature],
+                                 self.directions[node.hook_name][node.feature], pick(nodes.scale), pick(self.mask))
+
+    def changed(self, node: Node) -> Tensor:
+        """``[batch, pos]`` where removing ``node`` changes the activation."""
+        if node.is_error:
+            return self.mask & (self.run.nodes[node.hook_name].error != 0).any(-1)
+        baseline = self.baselines[node.hook_name][node.feature]
+        return self.mask & (self.acts(node.hook_name)[..., node.feature] != baseline)
 
     def each(self, nodes: list[Node], *, batched: bool, budget: int) -> Tensor:
         out = torch.zeros(self.run.rewards.shape[0], len(nodes), device=self.run.rewards.device)
@@ -271,34 +294,45 @@ class _SideAblation:
         by_hook: dict[str, list[int]] = defaultdict(list)
         for column, node in enumerate(nodes):
             by_hook[node.hook_name].append(column)
-        width = tokens.shape[1]
         for hook, hook_columns in by_hook.items():
-            pending: list[tuple[int, Tensor, Tensor]] = []
-            for column in hook_columns:
-                delta = self.delta(nodes[column])
-                # Rows where the node is zero at every selected position are unchanged: skip them.
-                rows = delta.flatten(1).any(1).nonzero().flatten()
-                if pending and (sum(len(r) for _, r, _ in pending) + len(rows)) * width > budget:
-                    self._flush(hook, pending, out)
-                if len(rows):
-                    pending.append((column, rows, delta[rows]))
-            if pending:
-                self._flush(hook, pending, out)
+            for chunk in self._chunks(nodes, hook_columns, budget):
+                self._run_chunk(hook, nodes, chunk, out)
         return out
 
-    def _flush(self, hook: str, pending: list[tuple[int, Tensor, Tensor]], out: Tensor) -> None:
-        """Run the stacked (column, rows, delta) ablations of one hook in one forward."""
-        rows = torch.cat([r for _, r, _ in pending])
-        deltas = torch.cat([d for _, _, d in pending])
-        rewards = self._stacked(hook, rows, deltas) - self.run.rewards[rows]
-        offset = 0
-        for column, r, _ in pending:
-            out[r, column] = rewards[offset : offset + len(r)]
-            offset += len(r)
-        pending.clear()
+    def _chunks(self, nodes: list[Node], columns: list[int], budget: int) -> list[list[tuple[int, int, int]]]:
+        """The (first changed position, column, row) ablations of one hook in forwards of at most
+        ``budget`` recomputed tokens: rows where the node changes nothing are left out, and rows
+        that change late go together, so each forward restarts as late as possible."""
+        items = []
+        for column in columns:
+            changed = self.changed(nodes[column])
+            rows = changed.any(1).nonzero().flatten()
+            firsts = changed[rows].int().argmax(1)
+            items += [(int(f), column, int(r)) for f, r in zip(firsts.tolist(), rows.tolist())]
+        items.sort(key=lambda item: -item[0])
+        width, chunks, current = self.run.batch.tokens.shape[1], [], []
+        for item in items:
+            # A row that changes earlier makes the whole chunk restart earlier: start a new chunk
+            # when that would cost more recomputed tokens than one more forward (~ one row's worth).
+            later = current and len(current) * (current[-1][0] - item[0]) > width
+            if current and (later or (len(current) + 1) * (width - item[0]) > budget):
+                chunks.append(current)
+                current = []
+            current.append(item)
+        return chunks + ([current] if current else [])
 
-    def _stacked(self, hook: str, rows: Tensor, deltas: Tensor) -> Tensor:
-        """Rewards of ``rows`` (repeats allowed) with ``deltas`` added at ``hook``, restarted as late as possible."""
+    def _run_chunk(self, hook: str, nodes: list[Node], chunk: list[tuple[int, int, int]], out: Tensor) -> None:
+        """Run one chunk's ablations stacked along the batch in one forward."""
+        columns = torch.tensor([c for _, c, _ in chunk])
+        rows = torch.tensor([r for _, _, r in chunk], device=self.run.rewards.device)
+        deltas = torch.cat([self.delta(nodes[c], rows[i : i + 1]) for i, (_, c, _) in enumerate(chunk)])
+        start = min(f for f, _, _ in chunk)
+        rewards = self._stacked(hook, rows, deltas, start)
+        out[rows, columns.to(out.device)] = rewards - self.run.rewards[rows]
+
+    def _stacked(self, hook: str, rows: Tensor, deltas: Tensor, start: int) -> Tensor:
+        """Rewards of ``rows`` (repeats allowed) with ``deltas`` added at ``hook``, restarted at the
+        hook's block (the next one for a block output) and, before ``start``, nothing recomputed."""
         rm, batch = self.rm, self.run.batch
         attention = batch.attention_mask[rows]
         layer = rm.hook_layer(hook)
@@ -306,9 +340,21 @@ class _SideAblation:
             return rm.run_with_deltas(batch.tokens[rows], attention, deltas={hook: deltas}).rewards
         if rm.is_layer_output(hook):
             # The delta is the next block's input: start there.
-            return rm.run_from(self.run.nodes[hook].x[rows] + deltas.reshape(len(rows), *self.run.nodes[hook].x.shape[1:]),
-                               attention, layer=layer + 1)
-        return rm.run_from(self.run.residuals[layer][rows], attention, layer=layer, deltas={hook: deltas})
+            x = self.run.nodes[hook].x[rows]
+            return rm.run_from(x + deltas.reshape(x.shape), attention, layer=layer + 1, prefix=self.prefix(layer + 1),
+                               rows=rows, start=start)
+        return rm.run_from(self.run.residuals[layer][rows], attention, layer=layer, deltas={hook: deltas},
+                           prefix=self.prefix(layer), rows=rows, start=start)
+
+    def prefix(self, layer: int) -> Any:
+        """The clean keys and values of blocks ``layer`` on (one extra forward per side, counted
+        with the ablations), or None past the last block."""
+        if layer >= self.rm.cfg.n_layers:
+            return None
+        if self._prefix is None or self._prefix.first_layer > layer:
+            first = min(layer, min((self.rm.hook_layer(h) for h in self.saes if self.rm.hook_layer(h) is not None), default=layer))
+            self._prefix = self.rm.prefix_kv(self.run.batch.tokens, self.run.batch.attention_mask, first_layer=first)
+        return self._prefix
 
     def joint(self, nodes: list[Node]) -> Tensor:
         by_hook: dict[str, list[Node]] = defaultdict(list)

@@ -68,6 +68,22 @@ class DeltaRun:
     grads: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PrefixKV:
+    """Clean keys and values of blocks ``first_layer`` onwards for a batch, so a forward changed
+    only from some position on can restart on that suffix (:meth:`ModelRuns.run_from`).
+
+    Attributes:
+        first_layer: the first block held.
+        keys, values: per block, ``[batch, pos, n_kv_heads, d_head]`` as TransformerLens caches
+            them (keys before rotary).
+    """
+
+    first_layer: int
+    keys: dict[int, Tensor]
+    values: dict[int, Tensor]
+
+
 @dataclass
 class ForwardCount:
     """Forward passes of a model by purpose: passes, sequences (rows) and tokens (rows x pos)."""
@@ -200,13 +216,77 @@ class ModelRuns:
         attention_mask: Int[Tensor, "batch pos"],
         *,
         layer: int,
-        deltas: Mapping[str, Delta] | None = None,
+        deltas: Mapping[str, Tensor] | None = None,
+        prefix: PrefixKV | None = None,
+        rows: Tensor | None = None,
+        start: int = 0,
     ) -> Float[Tensor, " batch"]:
         """Rewards of a forward restarted at block ``layer`` from ``residual`` (that block's input),
-        with ``deltas`` added at later hooks."""
-        with self._delta_hooks((), deltas, ()) as state:
-            per_position = self(residual, start_at_layer=layer, attention_mask=attention_mask)[..., 0]
-            return state.finish(self.pool(per_position, attention_mask), ()).rewards
+        with ``deltas`` (full-length tensors) added at later hooks.
+
+        With ``prefix`` (the clean keys and values of the batch ``rows`` index into) and ``start``,
+        only positions ``start`` onwards are recomputed: the forward must change nothing before
+        ``start`` (causal attention then leaves those positions as they were), and attention reads
+        the cached clean keys and values there. Right-padded batches only.
+        """
+        deltas = dict(deltas or {})
+        cache = None
+        if prefix is not None and start > 0:
+            if layer < prefix.first_layer:
+                raise ValueError(f"the prefix holds blocks {prefix.first_layer}.. but the restart is at block {layer}")
+            cache = self._prefix_cache(prefix, rows, start, layer, attention_mask)
+            residual = residual[:, start:]
+            deltas = {name: delta[:, start:] for name, delta in deltas.items()}
+        else:
+            start = 0
+        last = final_positions(None, attention_mask) - start
+        final_only = self._final_position_hooks(last, touched=deltas, layer=layer)
+        with self._delta_hooks((), deltas, ()) as state, self.hooks(fwd_hooks=final_only):
+            per_position = self(residual, start_at_layer=layer, attention_mask=attention_mask, past_kv_cache=cache)[..., 0]
+            index = torch.zeros_like(last) if final_only else last
+            return state.finish(per_position.gather(1, index[:, None])[:, 0], ()).rewards
+
+    def _final_position_hooks(self, last: Tensor, *, touched: Mapping[str, Any], layer: int) -> list[tuple[str, Any]]:
+        """Hooks that keep only each row's pooled position after the last block's attention: the
+        last MLP, final norm and head act per position, and only the pooled one is read, so the
+        reward is unchanged and the last MLP runs on one position per row. Empty where that is not
+        exact (parallel attention and MLP, an attention-only model, a hook in the last block after
+        its attention, or no block to run)."""
+        final = self.cfg.n_layers - 1
+        if layer > final or self.cfg.parallel_attn_mlp or self.cfg.attn_only:
+            return []
+        late = (f"blocks.{final}.hook_resid_mid", f"blocks.{final}.hook_mlp_in", f"blocks.{final}.ln2",
+                f"blocks.{final}.mlp", f"blocks.{final}.hook_mlp_out", f"blocks.{final}.hook_resid_post", "ln_final", "unembed")
+        if any(name.startswith(late) for name in touched):
+            return []
+        rows = torch.arange(len(last), device=last.device)
+        return [(f"blocks.{final}.hook_resid_mid", lambda resid, hook: resid[rows, last][:, None])]
+
+    def prefix_kv(
+        self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], *, first_layer: int
+    ) -> PrefixKV:
+        """The clean keys and values of every block from ``first_layer`` on (one forward)."""
+        names = [f"blocks.{layer}.attn.hook_{kind}" for layer in range(first_layer, self.cfg.n_layers) for kind in "kv"]
+        acts = self.activations(tokens, attention_mask, names) if names else {}
+        layers = range(first_layer, self.cfg.n_layers)
+        return PrefixKV(first_layer, {layer: acts[f"blocks.{layer}.attn.hook_k"].detach() for layer in layers},
+                        {layer: acts[f"blocks.{layer}.attn.hook_v"].detach() for layer in layers})
+
+    def _prefix_cache(self, prefix: PrefixKV, rows: Tensor | None, start: int, layer: int, attention_mask: Tensor) -> Any:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        n = attention_mask.shape[0]
+        entries = []
+        for block in range(self.cfg.n_layers):
+            if block >= layer:
+                keys, values = prefix.keys[block], prefix.values[block]
+                if rows is not None:
+                    keys, values = keys[rows], values[rows]
+                entries.append(TransformerLensKeyValueCacheEntry(keys[:, :start], values[:, :start], frozen=True))
+            else:
+                entries.append(TransformerLensKeyValueCacheEntry.init_cache_entry(self.cfg, attention_mask.device, n))
+        return TransformerLensKeyValueCache(entries, attention_mask[:, :start], frozen=True)
 
     @contextmanager
     def _delta_hooks(self, read: Sequence[str], deltas: Mapping[str, Delta] | None, grad_at: Sequence[str]) -> Iterator[Any]:

@@ -1,0 +1,91 @@
+"""What the model does for the other stages: deltas at hooks, restarts, suffix restarts, counting."""
+
+import pytest
+import torch
+
+from pm_lens import RewardModel
+from pm_lens.testing import TINY_CONFIGS, char_tokenizer, tiny_hf_reward_model
+
+
+@pytest.fixture(scope="module", params=list(TINY_CONFIGS))
+def rm(request):
+    overrides = {"num_hidden_layers": 3} if "GPT2" not in request.param and "GPTJ" not in request.param else {}
+    return RewardModel.from_hf(tiny_hf_reward_model(request.param, **overrides), char_tokenizer())
+
+
+def _batch(rm):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 90, (3, 24), generator=generator)
+    mask = torch.ones_like(tokens)
+    mask[1, 17:] = 0  # right padding
+    return tokens, mask
+
+
+def test_a_delta_from_a_position_on_restarted_on_the_suffix_is_exact(rm):
+    """Restarting at a block from the clean input, recomputing only positions >= start against
+    cached clean keys and values, equals running the whole model with the delta added."""
+    tokens, mask = _batch(rm)
+    hook = rm.layer_input(1)
+    clean = rm.run_with_deltas(tokens, mask, read=[hook])
+    delta = torch.zeros_like(clean.acts[hook])
+    delta[:, 11:] = 0.5 * torch.randn_like(delta[:, 11:])
+    with torch.no_grad():
+        whole = rm.run_with_deltas(tokens, mask, deltas={hook: delta}).rewards
+    prefix = rm.prefix_kv(tokens, mask, first_layer=1)
+    suffix = rm.run_from(clean.acts[hook] + delta, mask, layer=1, prefix=prefix, start=11)
+    torch.testing.assert_close(suffix, whole, atol=1e-4, rtol=1e-5)
+    rows = torch.tensor([2, 0, 2])
+    stacked = rm.run_from((clean.acts[hook] + delta)[rows], mask[rows], layer=1, prefix=prefix, rows=rows, start=11)
+    torch.testing.assert_close(stacked, whole[rows], atol=1e-4, rtol=1e-5)
+    # A delta at a hook inside the restarted block is added too.
+    mlp = "blocks.1.hook_mlp_out"
+    with torch.no_grad():
+        whole_mlp = rm.run_with_deltas(tokens, mask, deltas={mlp: delta}).rewards
+    torch.testing.assert_close(rm.run_from(clean.acts[hook], mask, layer=1, deltas={mlp: delta}, prefix=prefix, start=11),
+                               whole_mlp, atol=1e-4, rtol=1e-5)
+
+
+def test_restart_and_pooling_match_the_reward(rm):
+    tokens, mask = _batch(rm)
+    last = rm.cfg.n_layers - 1
+    clean = rm.run_with_deltas(tokens, mask, read=[rm.layer_input(last)])
+    torch.testing.assert_close(clean.rewards, rm.reward(tokens, mask))
+    torch.testing.assert_close(rm.run_from(clean.acts[rm.layer_input(last)], mask, layer=last), clean.rewards, atol=1e-5,
+                               rtol=1e-5)
+    per_position = rm(tokens, attention_mask=mask)[..., 0]
+    torch.testing.assert_close(rm.pool(per_position, mask), clean.rewards)
+
+
+def test_gradients_at_hooks_equal_autograd_through_the_hook():
+    rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=2), char_tokenizer())
+    tokens, mask = _batch(rm)
+    hook = "blocks.0.hook_resid_post"
+    run = rm.run_with_deltas(tokens, mask, read=[hook], grad_at=[hook])
+    seen = {}
+
+    def keep(act, hook):  # noqa: ARG001
+        act = act.detach().requires_grad_(True)
+        seen["x"] = act
+        return act
+
+    with rm.hooks(fwd_hooks=[(hook, keep)]):
+        rm.reward(tokens, mask).sum().backward()
+    torch.testing.assert_close(run.grads[hook], seen["x"].grad)
+
+
+def test_forward_passes_are_counted_by_purpose():
+    rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=2), char_tokenizer())
+    tokens, mask = _batch(rm)
+    before = rm.forward_count.snapshot()
+    with rm.counting("clean"):
+        rm.reward(tokens, mask)
+    with rm.counting("ablation"):
+        rm.run_from(torch.zeros(2, 24, rm.cfg.d_model), mask[:2], layer=1)
+    rm.reward(tokens[:1], mask[:1])
+    counts = rm.forward_count.since(before).as_dict()
+    assert counts["clean"] == {"passes": 1, "sequences": 3, "tokens": 72}
+    assert counts["ablation"] == {"passes": 1, "sequences": 2, "tokens": 48}
+    assert counts["other"]["passes"] == 1 and counts["total"]["passes"] == 3
+    rm.hook_shapes(["blocks.0.attn.hook_z"])
+    rm.hook_shapes(["blocks.0.attn.hook_z"])  # memoised: one probe run, not two
+    assert rm.forward_count.since(before).as_dict()["probe"]["passes"] == 1
