@@ -17,7 +17,9 @@ Converting (``from_hf``):
    ``score`` weight (and bias, if any) in the unembedding;
 4. refuse non-finite weights, then fold and centre what keeps parity (never the head);
 5. store weights in the layout TransformerLens's forward reads (no per-forward copies);
-6. record the processing in :attr:`RewardModel.processing`.
+6. record the processing in :attr:`RewardModel.processing`;
+7. give attention the SDPA fast path where it is exact (:mod:`pm_lens.model.attention`;
+   ``rm.use_fast_attention = False`` turns it off).
 
 ``copy.deepcopy(rm)`` gives an independent model (see :meth:`RewardModel.__deepcopy__`).
 """
@@ -44,6 +46,7 @@ from pm_lens.model.architectures import (
     is_causal_lm,
     spec_for,
 )
+from pm_lens.model.attention import fast_attention_enabled, set_fast_attention
 from pm_lens.model.placement import as_device, as_dtype
 
 
@@ -96,6 +99,9 @@ class RewardModel(HookedSAETransformer):
         text_format: how pm_lens lays out a prompt and a completion for this PM, one of
             ``pm_lens.data.TEXT_FORMATS`` (default ``"auto"``: HH transcripts stay as they are,
             other prompts get the tokenizer's chat template); set it to what the PM was trained on.
+        use_fast_attention: whether attention runs through one fused SDPA call wherever that is
+            exact, falling back to TransformerLens's own attention per layer and call when a hook,
+            cache, soft-cap or local window needs it (see :mod:`pm_lens.model.attention`).
     """
 
     processing: WeightProcessing
@@ -162,6 +168,7 @@ class RewardModel(HookedSAETransformer):
         )
         model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **processing.as_dict())
         _store_as_forward_reads(model)
+        model.use_fast_attention = True  # fast attention: SDPA where exact (pm_lens.model.attention)
         model.processing = processing
         model.hf_architecture = architecture
         model.pad_token_id = hf_config.pad_token_id
@@ -238,6 +245,15 @@ class RewardModel(HookedSAETransformer):
             if "forward" in vars(block.mlp) and hasattr(block.mlp, "hook_in"):
                 _forward_through_hook_in(block.mlp)
         return copied
+
+    @property
+    def use_fast_attention(self) -> bool:
+        """Whether every attention layer has the SDPA fast path (:mod:`pm_lens.model.attention`)."""
+        return fast_attention_enabled(self)
+
+    @use_fast_attention.setter
+    def use_fast_attention(self, enabled: bool) -> None:
+        set_fast_attention(self, enabled)
 
     def set_reward_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer`` for text input, without the hub look-ups TL's ``set_tokenizer`` makes.
