@@ -48,6 +48,7 @@ from pm_lens.model.architectures import (
 )
 from pm_lens.model.attention import fast_attention_enabled, set_fast_attention
 from pm_lens.model.placement import as_device, as_dtype
+from pm_lens.model.runs import ModelRuns, final_positions
 
 
 @dataclass(frozen=True)
@@ -63,33 +64,13 @@ class WeightProcessing:
         return asdict(self)
 
 
-def final_positions(
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    pad_token_id: int | None = None,
-) -> Int[Tensor, " batch"]:
-    """The position whose output is the reward: the last attended (or non-pad) token.
-
-    With an ``attention_mask`` the last position where it is 1; otherwise, as Hugging Face
-    does, the last position whose token is not ``pad_token_id``; with neither, the last
-    position. Works for left and right padding.
-    """
-    batch, n_pos = tokens.shape
-    if attention_mask is None and pad_token_id is None:
-        return torch.full((batch,), n_pos - 1, dtype=torch.long, device=tokens.device)
-    keep = attention_mask.bool() if attention_mask is not None else tokens != pad_token_id
-    empty = (~keep.any(dim=-1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"sequences {empty} of the batch have no tokens (all padding)")
-    index = torch.arange(n_pos, device=tokens.device)
-    return (index * keep).argmax(dim=-1)
-
-
-class RewardModel(HookedSAETransformer):
+class RewardModel(ModelRuns, HookedSAETransformer):
     """A reward model as a ``HookedSAETransformer`` whose unembed is the reward head.
 
     ``rm(tokens)`` returns ``[batch, pos, 1]`` (the reward read at every position);
-    ``rm.reward(tokens, attention_mask)`` returns ``[batch]`` at the pooled position.
+    ``rm.reward(tokens, attention_mask)`` returns ``[batch]`` at the pooled position. What the
+    other stages need from the model (runs with deltas, restarts, counting) comes from
+    :class:`pm_lens.model.runs.ModelRuns`.
     Build one with :meth:`from_hf` or :meth:`from_pretrained`.
 
     Attributes:
@@ -269,6 +250,8 @@ class RewardModel(HookedSAETransformer):
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: A002
         if isinstance(input, Tensor) and not input.is_floating_point():
             self.check_tokens(input, kwargs.get("attention_mask"))
+        if isinstance(input, Tensor):
+            self.count_forward(input)
         return super().forward(input, *args, **kwargs)
 
     def check_tokens(self, tokens: Tensor, attention_mask: Tensor | None = None) -> None:
