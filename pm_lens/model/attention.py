@@ -36,7 +36,9 @@ The fallback is taken, layer by layer and call by call, whenever any of these ho
   global module hook (``torch.nn.modules.module.register_module_forward_hook`` and friends);
 - something other than a plain ``HookPoint`` in a hook point's place (an SAE spliced in at
   ``hook_z``);
-- a KV cache entry, an additive attention mask or a position bias passed to the layer;
+- an additive attention mask or a position bias passed to the layer, or a KV cache entry that is
+  not TransformerLens's (a cache entry is handled: its keys and values come first, queries sit
+  after them, and the mask is offset accordingly, as ``apply_causal_mask`` does);
 - a local (sliding-window) layer, an attention-score soft-cap (``attn_scores_soft_cap > 0``,
   Gemma-2), ``use_attn_result``, ``use_split_qkv_input``, ``use_attn_in``, a positional
   embedding other than ``standard`` (added outside attention) or ``rotary`` (shortformer, ALiBi,
@@ -104,23 +106,27 @@ CAUSAL = SdpaMask(additive=None, empty_rows=None)
 
 
 def sdpa_mask(
-    attention_mask: Int[Tensor, "batch pos"] | None, *, dtype: torch.dtype, device: torch.device
+    attention_mask: Int[Tensor, "batch pos"] | None, *, dtype: torch.dtype, device: torch.device, offset: int = 0
 ) -> SdpaMask:
     """The causal mask combined with the padding mask, as ``AbstractAttention.apply_causal_mask``
-    builds it without a KV cache: query ``i`` attends to key ``j`` iff ``j <= i`` and
-    ``attention_mask[:, j]`` is set. An all-ones (or absent) mask is the plain causal mask."""
+    builds it: query ``i`` (at position ``offset + i``, after ``offset`` cached positions) attends
+    to key ``j`` iff ``j <= offset + i`` and ``attention_mask[:, j]`` is set. Without a cache, an
+    all-ones (or absent) mask is the plain causal mask."""
+    if attention_mask is None and offset == 0:
+        return CAUSAL
     if attention_mask is None:
-        return CAUSAL
+        raise ValueError("a cached prefix needs the attention mask of the whole sequence")
     keep = attention_mask.to(device).bool()
-    if bool(keep.all()):
+    if offset == 0 and bool(keep.all()):
         return CAUSAL
-    n_pos = keep.shape[-1]
-    pos = torch.arange(n_pos, device=device)
-    causal = pos[None, :] <= pos[:, None]  # [query_pos, key_pos]
+    n_keys = keep.shape[-1]
+    queries = torch.arange(offset, n_keys, device=device)
+    causal = torch.arange(n_keys, device=device)[None, :] <= queries[:, None]  # [query_pos, key_pos]
     allowed = causal & keep[:, None, None, :]  # [batch, 1, query_pos, key_pos]
     empty_rows = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty_rows.any()):
-        allowed = allowed | (empty_rows & torch.eye(n_pos, dtype=torch.bool, device=device))
+        own = torch.arange(n_keys, device=device)[None, :] == queries[:, None]
+        allowed = allowed | (empty_rows & own)
     else:
         empty_rows = None
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
@@ -129,13 +135,14 @@ def sdpa_mask(
 
 def sdpa_z(
     q: Float[Tensor, "batch pos head_index d_head"],
-    k: Float[Tensor, "batch pos kv_head_index d_head"],
-    v: Float[Tensor, "batch pos kv_head_index d_head"],
+    k: Float[Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[Tensor, "batch key_pos kv_head_index d_head"],
     mask: SdpaMask,
     *,
     scale: float,
 ) -> Float[Tensor, "batch pos head_index d_head"]:
-    """``softmax(q k^T * scale + mask) v`` per head, in TransformerLens's ``hook_z`` layout.
+    """``softmax(q k^T * scale + mask) v`` per head, in TransformerLens's ``hook_z`` layout
+    (``key_pos`` > ``pos`` when cached keys come first).
 
     Query head ``h`` reads key/value head ``h // (head_index / kv_head_index)``, as
     ``torch.repeat_interleave`` in ``GroupedQueryAttention`` assigns them; rows of
@@ -165,18 +172,18 @@ def _forget(ref: weakref.ref) -> None:
         _last_mask = None
 
 
-def _mask_for(attention_mask: Tensor | None, *, dtype: torch.dtype, device: torch.device) -> SdpaMask:
+def _mask_for(attention_mask: Tensor | None, *, dtype: torch.dtype, device: torch.device, offset: int = 0) -> SdpaMask:
     global _last_mask
-    if attention_mask is None:
+    if attention_mask is None and offset == 0:
         return CAUSAL
     try:
-        key = (attention_mask._version, dtype, device)
+        key = (attention_mask._version, dtype, device, offset)
     except RuntimeError:  # inference-mode tensors have no version counter: do not cache
-        return sdpa_mask(attention_mask, dtype=dtype, device=device)
+        return sdpa_mask(attention_mask, dtype=dtype, device=device, offset=offset)
     entry = _last_mask
     if entry is not None and entry[0]() is attention_mask and entry[1] == key:
         return entry[2]
-    mask = sdpa_mask(attention_mask, dtype=dtype, device=device)
+    mask = sdpa_mask(attention_mask, dtype=dtype, device=device, offset=offset)
     _last_mask = (weakref.ref(attention_mask, _forget), key, mask)
     return mask
 
@@ -244,8 +251,14 @@ def fast_path_blocker(
 ) -> str | None:
     """Why this call of ``attn`` must run TransformerLens's own forward, or ``None`` if SDPA
     computes the same thing (see the module docstring for the list)."""
+    offset = 0
     if past_kv_cache_entry is not None:
-        return "a KV cache"
+        past_keys = getattr(past_kv_cache_entry, "past_keys", None)
+        if not isinstance(past_keys, Tensor) or past_keys.device != query_input.device:
+            return "a KV cache of another kind or device"
+        offset = past_keys.shape[1]
+        if offset and attention_mask is None:
+            return "a KV cache without the attention mask of the whole sequence"
     if additive_attention_mask is not None or position_bias is not None:
         return "an additive attention mask or position bias"
     reason = _config_blocker(attn) or _hook_blocker(attn)
@@ -254,7 +267,7 @@ def fast_path_blocker(
     if query_input.ndim != 3 or query_input.device != attn.W_O.device:
         return "inputs of another shape or device"
     if attention_mask is not None and (
-        attention_mask.device != query_input.device or attention_mask.shape[-1] != query_input.shape[1]
+        attention_mask.device != query_input.device or attention_mask.shape[-1] != offset + query_input.shape[1]
     ):
         return "an attention mask of another device or length"
     return None
@@ -268,16 +281,22 @@ def sdpa_attention(
     query_input: Float[Tensor, "batch pos d_model"],
     key_input: Float[Tensor, "batch pos d_model"],
     value_input: Float[Tensor, "batch pos d_model"],
-    attention_mask: Int[Tensor, "batch pos"] | None,
+    attention_mask: Int[Tensor, "batch key_pos"] | None,
+    past_kv_cache_entry: Any = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``attn``'s output computed through SDPA. Call only when :func:`fast_path_blocker` says so:
-    the hook points that only the fallback computes (scores, pattern, z) are skipped."""
+    the hook points that only the fallback computes (scores, pattern, z) are skipped. With a KV
+    cache entry, its keys and values come first, as in TransformerLens (appended unless frozen)."""
     q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    offset = 0
+    if past_kv_cache_entry is not None:
+        offset = past_kv_cache_entry.past_keys.size(1)
+        k, v = past_kv_cache_entry.append(k, v)
     if attn.cfg.positional_embedding_type == "rotary":
         # hook_rot_q/k are unhooked here (fast_path_blocker checked), so calling them is a no-op.
-        q = attn.apply_rotary(q, 0, attention_mask)
+        q = attn.apply_rotary(q, offset, attention_mask)
         k = attn.apply_rotary(k, 0, attention_mask)
-    mask = _mask_for(attention_mask, dtype=q.dtype, device=q.device)
+    mask = _mask_for(attention_mask, dtype=q.dtype, device=q.device, offset=offset)
     z = sdpa_z(q, k, v, mask, scale=1.0 / attn.attn_scale)
     # The output projection exactly as AbstractAttention.forward does it (use_attn_result off).
     # With the layout RewardModel stores W_O in, the .contiguous() copies nothing.
@@ -317,7 +336,8 @@ class _SdpaPath(AbstractAttention):
                 query_input, key_input, value_input, past_kv_cache_entry, additive_attention_mask,
                 attention_mask, position_bias,
             )
-        return sdpa_attention(self, query_input, key_input, value_input, attention_mask)  # type: ignore[arg-type]
+        return sdpa_attention(self, query_input, key_input, value_input, attention_mask,  # type: ignore[arg-type]
+                              past_kv_cache_entry)
 
 
 class SdpaAttention(_SdpaPath, Attention):

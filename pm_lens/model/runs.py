@@ -240,6 +240,8 @@ class ModelRuns:
         else:
             start = 0
         last = final_positions(None, attention_mask) - start
+        if bool((last < 0).any()):
+            raise ValueError(f"start={start} is after the pooled position of some rows; a suffix restart must keep it")
         final_only = self._final_position_hooks(last, touched=deltas, layer=layer)
         with self._delta_hooks((), deltas, ()) as state, self.hooks(fwd_hooks=final_only):
             per_position = self(residual, start_at_layer=layer, attention_mask=attention_mask, past_kv_cache=cache)[..., 0]
@@ -265,12 +267,16 @@ class ModelRuns:
     def prefix_kv(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], *, first_layer: int
     ) -> PrefixKV:
-        """The clean keys and values of every block from ``first_layer`` on (one forward)."""
-        names = [f"blocks.{layer}.attn.hook_{kind}" for layer in range(first_layer, self.cfg.n_layers) for kind in "kv"]
-        acts = self.activations(tokens, attention_mask, names) if names else {}
+        """The clean keys and values of every block from ``first_layer`` on (one forward, which fills
+        a TransformerLens KV cache and so keeps the attention fast path)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch_size=tokens.shape[0])
+        with torch.no_grad():
+            self(tokens, attention_mask=attention_mask, past_kv_cache=cache)
         layers = range(first_layer, self.cfg.n_layers)
-        return PrefixKV(first_layer, {layer: acts[f"blocks.{layer}.attn.hook_k"].detach() for layer in layers},
-                        {layer: acts[f"blocks.{layer}.attn.hook_v"].detach() for layer in layers})
+        return PrefixKV(first_layer, {layer: cache.entries[layer].past_keys for layer in layers},
+                        {layer: cache.entries[layer].past_values for layer in layers})
 
     def _prefix_cache(self, prefix: PrefixKV, rows: Tensor | None, start: int, layer: int, attention_mask: Tensor) -> Any:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache

@@ -326,17 +326,44 @@ def test_an_sae_spliced_in_at_hook_z_takes_the_fallback(rm, tokenizer, paths):
 # ---- configurations the fast path does not handle ------------------------------------------------
 
 
-def test_kv_cache_takes_the_fallback(rm, tokenizer, paths):
+def test_a_kv_cache_keeps_the_fast_path_and_equals_the_whole_run(rm, tokenizer, paths):
+    """Cached keys and values come first and queries sit after them, as in TransformerLens:
+    continuing from a cache equals running the whole text (and equals the fallback's continuation)."""
     tokens = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
     with torch.no_grad():
         full = rm(tokens)
-        assert paths()["fast"] == {0, 1}
+        paths()
         cache = TransformerLensKeyValueCache.init_cache(rm.cfg, rm.cfg.device, batch_size=1)
         rm(tokens[:, :-3], past_kv_cache=cache)
-        assert paths() == {"fast": set(), "fallback": {0, 1}}
         continued = rm(tokens[:, -3:], past_kv_cache=cache)
-    assert paths() == {"fast": set(), "fallback": {0, 1}}
+        assert paths() == {"fast": {0, 1}, "fallback": set()}
+        rm.use_fast_attention = False
+        try:
+            cache = TransformerLensKeyValueCache.init_cache(rm.cfg, rm.cfg.device, batch_size=1)
+            rm(tokens[:, :-3], past_kv_cache=cache)
+            slow = rm(tokens[:, -3:], past_kv_cache=cache)
+        finally:
+            rm.use_fast_attention = True
     assert (continued - full[:, -3:]).abs().max() <= TOL
+    assert (continued - slow).abs().max() <= TOL
+
+
+def test_a_frozen_prefix_restart_takes_the_fast_path_and_is_exact(rm, tokenizer, paths):
+    """The suffix restarts of batched ablation (a frozen cache of clean keys and values, a
+    right-padded batch) run through SDPA and equal the whole run with the same change."""
+    tokens, mask = padded(tokenizer, "right")
+    hook = rm.layer_input(1)
+    with torch.no_grad():
+        clean = rm.run_with_deltas(tokens, mask, read=[hook])
+        start = int(mask.sum(1).min()) - 1  # every row's pooled position is at or after it
+        delta = torch.zeros_like(clean.acts[hook])
+        delta[:, start:] = 0.3
+        whole = rm.run_with_deltas(tokens, mask, deltas={hook: delta}).rewards
+        prefix = rm.prefix_kv(tokens, mask, first_layer=1)
+        paths()
+        suffix = rm.run_from(clean.acts[hook] + delta, mask, layer=1, prefix=prefix, start=start)
+    assert paths()["fast"] == {1}
+    assert (suffix - whole).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("flag, fast_layers", [("use_attn_result", set()), ("use_split_qkv_input", set()),
