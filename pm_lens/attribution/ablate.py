@@ -51,10 +51,12 @@ from pm_lens.attribution.outliers import OUTLIER_RATIO, outlier_positions
 from pm_lens.attribution.positions import check_positions, pair_masks
 from pm_lens.data import SKIP_FIRST, PairsLike, as_pairs, describe_text_format
 from pm_lens.model import RewardModel
+from pm_lens.model.runs import PrefixKV, final_positions
 from pm_lens.saes.node import Node, as_nodes
 from pm_lens.saes.split import directions, split
 
 ALL = "all"  # every feature and error node of every SAE, removed together
+Item = tuple[int, int, int]  # an ablation in a batch: (first changed position, node column, row)
 
 
 @dataclass(frozen=True)
@@ -200,20 +202,64 @@ def _run_batches(rm: RewardModel, batches: Any, clean: CleanRun | None, saes: di
     rewards: dict[str, list[Tensor]] = {side: [] for side in SIDES}
     for b, batch in enumerate(tqdm(batches, desc="ablating", disable=not progress or len(batches) < 2, unit="batch")):
         masks = pair_masks(batch, settings.positions, skip_first=settings.skip_first)
-        for side, mask in zip(SIDES, masks):
-            run = clean.side(rm, b, side) if clean is not None else clean_side(rm, getattr(batch, side), mask, saes)[0]
-            runner = _SideAblation(rm, run, saes, baselines)
-            with rm.counting("ablation"):
-                if every:
-                    result = runner.remove_all()
-                elif settings.joint:
-                    result = runner.joint(nodes)
-                else:
-                    result = runner.each(nodes, batched=batched, budget=budget)
+        runs = [clean.side(rm, b, side) if clean is not None else clean_side(rm, getattr(batch, side), mask, saes)[0]
+                for side, mask in zip(SIDES, masks)]
+        runners = [_SideAblation(rm, run, saes, baselines) for run in runs]
+        with rm.counting("ablation"):
+            if every:
+                results = [runner.remove_all() for runner in runners]
+            elif settings.joint:
+                results = [runner.joint(nodes) for runner in runners]
+            elif batched:
+                results = _each_pair(runners[0], runners[1], nodes, budget)
+            else:
+                results = [runner.each(nodes) for runner in runners]
+        for side, runner, result in zip(SIDES, runners, results):
             at_outliers |= runner.at_outliers(nodes) if not every else set()
             columns[side].append(result)
-            rewards[side].append(run.rewards)
+            rewards[side].append(runner.run.rewards)
     return columns, rewards, at_outliers
+
+
+def _each_pair(chosen: _SideAblation, rejected: _SideAblation, nodes: list[Node], budget: int) -> list[Tensor]:
+    """The one-at-a-time ablations of a batch of pairs, stacked per hook (see the module
+    docstring), as ``[chosen, rejected]`` ``[batch, n_nodes]`` reward changes.
+
+    Where the two sides of a pair agree up to a position (the same tokens and selected positions:
+    the prompt, and any common start of the responses), a removal that begins before it changes
+    both sides alike up to there, so the rejected side's run continues from the chosen side's
+    ablated keys and values and recomputes only from that position on."""
+    outs = [torch.zeros(side.run.rewards.shape[0], len(nodes), device=side.run.rewards.device) for side in (chosen, rejected)]
+    agree = _agreeing_positions(chosen, rejected).tolist()
+    by_hook: dict[str, list[int]] = defaultdict(list)
+    for column, node in enumerate(nodes):
+        by_hook[node.hook_name].append(column)
+    for hook, hook_columns in by_hook.items():
+        chosen_items = chosen.items(nodes, hook_columns)
+        shared = {} if chosen.rm.hook_layer(hook) is None else {
+            (c, r): agree[r] for f, c, r in chosen_items if f < agree[r]}
+        for chunk in chosen.chunks(chosen_items, budget):
+            follow = [(shared[c, r], c, r) for _, c, r in chunk if (c, r) in shared]
+            kv = chosen.run_chunk(hook, nodes, chunk, outs[0], keep_kv=bool(follow))
+            at = {(c, r): i for i, (_, c, r) in enumerate(chunk)}
+            for part in rejected.chunks(follow, budget):
+                index = torch.tensor([at[c, r] for _, c, r in part], device=outs[0].device)
+                rejected.run_chunk(hook, nodes, part, outs[1], prefix=kv.rows(index))
+        own = [item for item in rejected.items(nodes, hook_columns) if (item[1], item[2]) not in shared]
+        for chunk in rejected.chunks(own, budget):
+            rejected.run_chunk(hook, nodes, chunk, outs[1])
+    return outs
+
+
+def _agreeing_positions(chosen: _SideAblation, rejected: _SideAblation) -> Tensor:
+    """``[batch]`` how many leading positions the two sides of each pair share (same tokens, both
+    attended, same selection), at most the rejected side's pooled position (which its run must
+    recompute)."""
+    c, r = chosen.run, rejected.run
+    width = min(c.batch.tokens.shape[1], r.batch.tokens.shape[1])
+    same = ((c.batch.tokens[:, :width] == r.batch.tokens[:, :width]) & (c.batch.attention_mask[:, :width] != 0)
+            & (r.batch.attention_mask[:, :width] != 0) & (c.mask[:, :width] == r.mask[:, :width]))
+    return torch.minimum(same.int().cumprod(1).sum(1), rejected.pooled)
 
 
 def _every_node(saes: Mapping[str, SAE]) -> list[Node]:
@@ -250,6 +296,7 @@ class _SideAblation:
         self.directions = {hook: directions(sae) for hook, sae in saes.items()}
         self._acts: dict[str, Tensor] = {}
         self._prefix: Any = None
+        self.pooled = final_positions(None, run.batch.attention_mask)
 
     def acts(self, hook: str) -> Tensor:
         if hook not in self._acts:
@@ -283,33 +330,30 @@ class _SideAblation:
         baseline = self.baselines[node.hook_name][node.feature]
         return self.mask & (self.acts(node.hook_name)[..., node.feature] != baseline)
 
-    def each(self, nodes: list[Node], *, batched: bool, budget: int) -> Tensor:
+    def each(self, nodes: list[Node]) -> Tensor:
+        """``[batch, n_nodes]`` reward changes, one full forward per node (the reference)."""
         out = torch.zeros(self.run.rewards.shape[0], len(nodes), device=self.run.rewards.device)
         tokens, attention = self.run.batch.tokens, self.run.batch.attention_mask
-        if not batched:
-            for column, node in enumerate(nodes):
-                rewards = self.rm.run_with_deltas(tokens, attention, deltas={node.hook_name: self.delta(node)}).rewards
-                out[:, column] = rewards - self.run.rewards
-            return out
-        by_hook: dict[str, list[int]] = defaultdict(list)
         for column, node in enumerate(nodes):
-            by_hook[node.hook_name].append(column)
-        for hook, hook_columns in by_hook.items():
-            for chunk in self._chunks(nodes, hook_columns, budget):
-                self._run_chunk(hook, nodes, chunk, out)
+            rewards = self.rm.run_with_deltas(tokens, attention, deltas={node.hook_name: self.delta(node)}).rewards
+            out[:, column] = rewards - self.run.rewards
         return out
 
-    def _chunks(self, nodes: list[Node], columns: list[int], budget: int) -> list[list[tuple[int, int, int]]]:
-        """The (first changed position, column, row) ablations of one hook in forwards of at most
-        ``budget`` recomputed tokens: rows where the node changes nothing are left out, and rows
-        that change late go together, so each forward restarts as late as possible."""
+    def items(self, nodes: list[Node], columns: list[int]) -> list[Item]:
+        """The (first changed position, column, row) of every row a node of ``columns`` changes;
+        a row where the node changes nothing is left out."""
         items = []
         for column in columns:
             changed = self.changed(nodes[column])
             rows = changed.any(1).nonzero().flatten()
             firsts = changed[rows].int().argmax(1)
             items += [(int(f), column, int(r)) for f, r in zip(firsts.tolist(), rows.tolist())]
-        items.sort(key=lambda item: -item[0])
+        return items
+
+    def chunks(self, items: list[Item], budget: int) -> list[list[Item]]:
+        """``items`` in forwards of at most ``budget`` recomputed tokens; rows that restart late
+        go together, so each forward restarts as late as possible."""
+        items = sorted(items, key=lambda item: -item[0])
         width, chunks, current = self.run.batch.tokens.shape[1], [], []
         for item in items:
             # A row that changes earlier makes the whole chunk restart earlier: start a new chunk
@@ -321,36 +365,48 @@ class _SideAblation:
             current.append(item)
         return chunks + ([current] if current else [])
 
-    def _run_chunk(self, hook: str, nodes: list[Node], chunk: list[tuple[int, int, int]], out: Tensor) -> None:
-        """Run one chunk's ablations stacked along the batch in one forward."""
+    def run_chunk(self, hook: str, nodes: list[Node], chunk: list[Item], out: Tensor, *, prefix: PrefixKV | None = None,
+                  keep_kv: bool = False) -> PrefixKV | None:
+        """Run one chunk's ablations stacked along the batch in one forward, restarted at the
+        chunk's earliest position against ``prefix`` (row-aligned with ``chunk``; by default this
+        side's clean keys and values), and write the reward changes to ``out``. With
+        ``keep_kv``, return the ablated run's keys and values."""
         columns = torch.tensor([c for _, c, _ in chunk])
         rows = torch.tensor([r for _, _, r in chunk], device=self.run.rewards.device)
         deltas = torch.cat([self.delta(nodes[c], rows[i : i + 1]) for i, (_, c, _) in enumerate(chunk)])
-        start = min(f for f, _, _ in chunk)
-        rewards = self._stacked(hook, rows, deltas, start)
+        rewards, kv = self._stacked(hook, rows, deltas, min(f for f, _, _ in chunk), prefix, keep_kv)
         out[rows, columns.to(out.device)] = rewards - self.run.rewards[rows]
+        return kv
 
-    def _stacked(self, hook: str, rows: Tensor, deltas: Tensor, start: int) -> Tensor:
+    def _stacked(self, hook: str, rows: Tensor, deltas: Tensor, start: int, prefix: PrefixKV | None,
+                 keep_kv: bool) -> tuple[Tensor, PrefixKV | None]:
         """Rewards of ``rows`` (repeats allowed) with ``deltas`` added at ``hook``, restarted at the
-        hook's block (the next one for a block output) and, before ``start``, nothing recomputed."""
+        hook's block (the next one for a block output), recomputing only positions ``start`` up to
+        the last row's pooled one."""
         rm, batch = self.rm, self.run.batch
-        attention = batch.attention_mask[rows]
         layer = rm.hook_layer(hook)
         if layer is None:
-            return rm.run_with_deltas(batch.tokens[rows], attention, deltas={hook: deltas}).rewards
+            return rm.run_with_deltas(batch.tokens[rows], batch.attention_mask[rows], deltas={hook: deltas}).rewards, None
+        end = int(self.pooled[rows].max()) + 1  # positions after every row's pooled one change nothing read
+        attention, deltas = batch.attention_mask[rows, :end], deltas[:, :end]
+        restart = rm.run_from_keeping_kv if keep_kv else rm.run_from
         if rm.is_layer_output(hook):
             # The delta is the next block's input: start there.
-            x = self.run.nodes[hook].x[rows]
-            return rm.run_from(x + deltas.reshape(x.shape), attention, layer=layer + 1, prefix=self.prefix(layer + 1),
-                               rows=rows, start=start)
-        return rm.run_from(self.run.residuals[layer][rows], attention, layer=layer, deltas={hook: deltas},
-                           prefix=self.prefix(layer), rows=rows, start=start)
+            layer, x = layer + 1, self.run.nodes[hook].x[rows, :end]
+            args: tuple[Tensor, dict[str, Tensor]] = (x + deltas.reshape(x.shape), {})
+        else:
+            args = (self.run.residuals[layer][rows, :end], {hook: deltas})
+        where = dict(prefix=prefix, rows=None) if prefix is not None else dict(prefix=self.prefix(layer), rows=rows)
+        result = restart(args[0], attention, layer=layer, deltas=args[1], start=start, **where)
+        return result if keep_kv else (result, None)
 
-    def prefix(self, layer: int) -> Any:
-        """The clean keys and values of blocks ``layer`` on (one extra forward per side, counted
-        with the ablations), or None past the last block."""
+    def prefix(self, layer: int) -> PrefixKV | None:
+        """This side's clean keys and values of blocks ``layer`` on: the clean run's, or (one extra
+        forward per side, counted with the ablations) computed here; None past the last block."""
         if layer >= self.rm.cfg.n_layers:
             return None
+        if self.run.kv is not None and self.run.kv.first_layer <= layer:
+            return self.run.kv
         if self._prefix is None or self._prefix.first_layer > layer:
             first = min(layer, min((self.rm.hook_layer(h) for h in self.saes if self.rm.hook_layer(h) is not None), default=layer))
             self._prefix = self.rm.prefix_kv(self.run.batch.tokens, self.run.batch.attention_mask, first_layer=first)
@@ -365,8 +421,23 @@ class _SideAblation:
             deltas: dict[str, Any] = {hook: sum(self.delta(node) for node in hook_nodes)}
         else:
             deltas = {hook: self._live_removal(hook, hook_nodes) for hook, hook_nodes in by_hook.items()}
-        batch = self.run.batch
-        return (self.rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards - self.run.rewards)[:, None]
+        return (self._run_deltas(deltas) - self.run.rewards)[:, None]
+
+    def _run_deltas(self, deltas: dict[str, Any]) -> Tensor:
+        """Rewards with ``deltas`` (tensors, or functions of the arriving activation) added at their
+        hooks, restarted from the clean run at the first of them (nothing before it changes)."""
+        rm, batch = self.rm, self.run.batch
+        layers = {hook: rm.hook_layer(hook) for hook in deltas}
+        if any(layer is None for layer in layers.values()):
+            return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards
+        first = min(deltas, key=lambda hook: layers[hook] + rm.is_layer_output(hook))
+        layer = layers[first]
+        if not rm.is_layer_output(first):
+            return rm.run_from(self.run.residuals[layer], batch.attention_mask, layer=layer, deltas=deltas)
+        rest = {hook: delta for hook, delta in deltas.items() if hook != first}
+        x, delta = self.run.nodes[first].x, deltas[first]
+        x = x + (delta(x) if callable(delta) else delta).reshape(x.shape)
+        return rm.run_from(x, batch.attention_mask, layer=layer + 1, deltas=rest)
 
     def _live_removal(self, hook: str, nodes: list[Node]) -> Any:
         """The delta that removes ``nodes`` from the activation as it arrives at ``hook``."""
@@ -387,5 +458,4 @@ class _SideAblation:
             deltas = {hook: removal_delta(self.acts(hook), self.baselines[hook], self.directions[hook], n.error, n.scale,
                                           self.mask)
                       for hook, n in self.run.nodes.items()}
-        batch = self.run.batch
-        return (self.rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards - self.run.rewards)[:, None]
+            return (self._run_deltas(deltas) - self.run.rewards)[:, None]

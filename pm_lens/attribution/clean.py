@@ -28,6 +28,7 @@ from pm_lens.attribution.nodes import read_nodes
 from pm_lens.attribution.positions import pair_masks
 from pm_lens.data import PairBatch, PreferencePair, TokenBatch
 from pm_lens.model import RewardModel
+from pm_lens.model.runs import PrefixKV
 from pm_lens.saes.split import SAENodes
 
 DEFAULT_BUDGET_BYTES = 2 * 2**30
@@ -44,6 +45,8 @@ class SideRun:
         rewards: ``[batch]`` clean rewards.
         nodes: per hook, the activation split into its SAE's nodes (``acts`` sparse).
         residuals: per block an ablation restarts at, that block's clean input ``[batch, pos, d_model]``.
+        kv: the clean keys and values of the blocks from the first SAE hook's on (what a restart
+            at a later position attends to), or None (then an ablation computes them once).
     """
 
     batch: TokenBatch
@@ -51,6 +54,7 @@ class SideRun:
     rewards: Float[Tensor, " batch"]
     nodes: Mapping[str, SAENodes]
     residuals: Mapping[int, Float[Tensor, "batch pos d_model"]]
+    kv: PrefixKV | None = None
 
     def dense_acts(self, hook_name: str) -> Float[Tensor, "batch pos d_sae"]:
         acts = self.nodes[hook_name].acts
@@ -61,7 +65,7 @@ class SideRun:
         for nodes in self.nodes.values():
             tensors += [nodes.x, nodes.error, nodes.scale]
             tensors += [nodes.acts.values(), nodes.acts.indices()] if nodes.acts.is_sparse else [nodes.acts]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + (self.kv.nbytes() if self.kv is not None else 0)
 
     def rows(self, index: Tensor) -> SideRun:
         """The rows ``index`` of this side (same padding width)."""
@@ -71,7 +75,8 @@ class SideRun:
         nodes = {n: SAENodes(x=v.x[index], acts=pick(v.acts), error=v.error[index], scale=v.scale[index])
                  for n, v in self.nodes.items()}
         batch = TokenBatch(self.batch.tokens[index], self.batch.attention_mask[index], self.batch.completion_start[index])
-        return SideRun(batch, self.mask[index], self.rewards[index], nodes, {k: v[index] for k, v in self.residuals.items()})
+        return SideRun(batch, self.mask[index], self.rewards[index], nodes, {k: v[index] for k, v in self.residuals.items()},
+                       None if self.kv is None else self.kv.rows(index))
 
 
 @dataclass(frozen=True)
@@ -174,10 +179,23 @@ def clean_side(
     layers = restart_layers(rm, list(saes))
     read = [*saes, *(rm.layer_input(layer) for layer in layers)]
     with rm.counting("clean"):
-        run = rm.run_with_deltas(side.tokens, side.attention_mask, read=read, grad_at=list(saes) if with_grad else ())
+        run = rm.run_with_deltas(side.tokens, side.attention_mask, read=read, grad_at=list(saes) if with_grad else (),
+                                 keep_kv_from=kv_layer(rm, list(saes)) if right_padded(side.attention_mask) else None)
     nodes = read_nodes(saes, run.acts)
     residuals = {layer: run.acts[rm.layer_input(layer)] for layer in layers}
-    return SideRun(side, mask, run.rewards, nodes, residuals), run.grads
+    return SideRun(side, mask, run.rewards, nodes, residuals, run.kv), run.grads
+
+
+def kv_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
+    """The first block whose keys and values a suffix restart after these hooks reads (the first
+    hook's block), or None when a hook is outside the blocks (its ablations rerun everything)."""
+    layers = [rm.hook_layer(n) for n in hook_names]
+    return None if not layers or any(layer is None for layer in layers) else min(layers)
+
+
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row's attended positions come first (what suffix restarts need)."""
+    return bool((attention_mask.cummin(1).values == attention_mask).all())
 
 
 class CleanRunBuilder:

@@ -279,16 +279,19 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         self,
         tokens: Int[Tensor, "batch pos"],
         attention_mask: Int[Tensor, "batch pos"] | None = None,
+        *,
+        past_kv_cache: Any = None,
     ) -> Float[Tensor, " batch"]:
         """The reward of each sequence, read at the last non-pad position (as Hugging Face does).
 
         Pass ``attention_mask`` for padded batches (left or right padding). Without one, padding
         is recognised by ``pad_token_id`` when the model has one. Raises ``FloatingPointError``
-        if a reward is NaN or infinite.
+        if a reward is NaN or infinite. ``past_kv_cache`` (a TransformerLens KV cache) is filled
+        with this run's keys and values.
         """
         if attention_mask is None and self.pad_token_id is not None and (tokens == self.pad_token_id).any():
             attention_mask = (tokens != self.pad_token_id).long()
-        per_position = self(tokens, attention_mask=attention_mask)[..., 0]
+        per_position = self(tokens, attention_mask=attention_mask, past_kv_cache=past_kv_cache)[..., 0]
         pos = final_positions(tokens, attention_mask, self.pad_token_id)
         rewards = per_position.gather(1, pos[:, None])[:, 0]
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()

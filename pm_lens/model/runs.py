@@ -54,21 +54,6 @@ def final_positions(
 
 
 @dataclass(frozen=True)
-class DeltaRun:
-    """What :meth:`ModelRuns.run_with_deltas` saw.
-
-    Attributes:
-        rewards: ``[batch]`` the pooled rewards.
-        acts: per hook read, its activation (after its delta), in the hook's own layout.
-        grads: per hook in ``grad_at``, d(sum of rewards)/d(hook output).
-    """
-
-    rewards: Float[Tensor, " batch"]
-    acts: dict[str, Tensor] = field(default_factory=dict)
-    grads: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class PrefixKV:
     """Clean keys and values of blocks ``first_layer`` onwards for a batch, so a forward changed
     only from some position on can restart on that suffix (:meth:`ModelRuns.run_from`).
@@ -82,6 +67,37 @@ class PrefixKV:
     first_layer: int
     keys: dict[int, Tensor]
     values: dict[int, Tensor]
+
+    @classmethod
+    def from_cache(cls, cache: Any, first_layer: int) -> PrefixKV:
+        """The blocks ``first_layer`` on of a filled TransformerLens KV cache (detached)."""
+        layers = range(first_layer, len(cache.entries))
+        return cls(first_layer, {b: cache.entries[b].past_keys.detach() for b in layers},
+                   {b: cache.entries[b].past_values.detach() for b in layers})
+
+    def rows(self, index: Tensor) -> PrefixKV:
+        """The rows ``index`` (repeats allowed)."""
+        return PrefixKV(self.first_layer, {b: k[index] for b, k in self.keys.items()},
+                        {b: v[index] for b, v in self.values.items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
+
+
+@dataclass(frozen=True)
+class DeltaRun:
+    """What :meth:`ModelRuns.run_with_deltas` saw.
+
+    Attributes:
+        rewards: ``[batch]`` the pooled rewards.
+        acts: per hook read, its activation (after its delta), in the hook's own layout.
+        grads: per hook in ``grad_at``, d(sum of rewards)/d(hook output).
+    """
+
+    rewards: Float[Tensor, " batch"]
+    acts: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    kv: PrefixKV | None = None
 
 
 @dataclass
@@ -197,18 +213,28 @@ class ModelRuns:
         read: Sequence[str] = (),
         deltas: Mapping[str, Delta] | None = None,
         grad_at: Sequence[str] = (),
+        keep_kv_from: int | None = None,
     ) -> DeltaRun:
         """Run the model, adding ``deltas[hook]`` to the activation at each hook, and read the
         activations at the hooks in ``read`` and d(sum of rewards)/d(hook output) at those in
-        ``grad_at`` (the parameters get no gradient from this).
+        ``grad_at`` (the parameters get no gradient from this). With ``keep_kv_from``, the run's
+        keys and values of blocks ``keep_kv_from`` on come back in ``kv`` (a :class:`PrefixKV`
+        for suffix restarts, saving a :meth:`prefix_kv` forward later).
 
         A delta is a tensor, or a function of the activation as it arrives in this run (for
         removals that depend on what earlier hooks changed), flat (``[..., d_in]``) or in the
         hook's layout.
         """
+        cache = None if keep_kv_from is None else self._empty_cache(tokens.shape[0])
         with self._delta_hooks(read, deltas, grad_at) as state:
-            rewards = self.reward(tokens, attention_mask)
-            return state.finish(rewards, read)
+            rewards = self.reward(tokens, attention_mask, past_kv_cache=cache)
+            run = state.finish(rewards, read)
+        return run if cache is None else DeltaRun(run.rewards, run.acts, run.grads, PrefixKV.from_cache(cache, keep_kv_from))
+
+    def _empty_cache(self, batch: int) -> Any:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        return TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch_size=batch)
 
     def run_from(
         self,
@@ -216,29 +242,53 @@ class ModelRuns:
         attention_mask: Int[Tensor, "batch pos"],
         *,
         layer: int,
-        deltas: Mapping[str, Tensor] | None = None,
+        deltas: Mapping[str, Delta] | None = None,
         prefix: PrefixKV | None = None,
         rows: Tensor | None = None,
         start: int = 0,
     ) -> Float[Tensor, " batch"]:
         """Rewards of a forward restarted at block ``layer`` from ``residual`` (that block's input),
-        with ``deltas`` (full-length tensors) added at later hooks.
+        with ``deltas`` (full-length tensors, or functions of the arriving activation when
+        ``start`` is 0) added at later hooks.
 
         With ``prefix`` (the clean keys and values of the batch ``rows`` index into) and ``start``,
         only positions ``start`` onwards are recomputed: the forward must change nothing before
         ``start`` (causal attention then leaves those positions as they were), and attention reads
         the cached clean keys and values there. Right-padded batches only.
         """
+        return self._restart(residual, attention_mask, layer, deltas, prefix, rows, start, keep_kv=False)[0]
+
+    def run_from_keeping_kv(
+        self,
+        residual: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch pos"],
+        *,
+        layer: int,
+        deltas: Mapping[str, Delta] | None = None,
+        prefix: PrefixKV | None = None,
+        rows: Tensor | None = None,
+        start: int = 0,
+    ) -> tuple[Float[Tensor, " batch"], PrefixKV]:
+        """:meth:`run_from`, also returning this run's keys and values of blocks ``layer`` on at
+        every position (the prefix's before ``start``, the recomputed ones after): the prefix of
+        another row whose input agrees with this one's up to some position."""
+        rewards, kv = self._restart(residual, attention_mask, layer, deltas, prefix, rows, start, keep_kv=True)
+        return rewards, kv
+
+    def _restart(self, residual: Tensor, attention_mask: Tensor, layer: int, deltas: Mapping[str, Delta] | None,
+                 prefix: PrefixKV | None, rows: Tensor | None, start: int, *, keep_kv: bool) -> tuple[Tensor, Any]:
         deltas = dict(deltas or {})
         cache = None
         if prefix is not None and start > 0:
             if layer < prefix.first_layer:
                 raise ValueError(f"the prefix holds blocks {prefix.first_layer}.. but the restart is at block {layer}")
-            cache = self._prefix_cache(prefix, rows, start, layer, attention_mask)
+            cache = self._prefix_cache(prefix, rows, start, layer, attention_mask, frozen=not keep_kv)
             residual = residual[:, start:]
             deltas = {name: delta[:, start:] for name, delta in deltas.items()}
         else:
             start = 0
+            if keep_kv:
+                cache = self._empty_cache(attention_mask.shape[0])
         last = final_positions(None, attention_mask) - start
         if bool((last < 0).any()):
             raise ValueError(f"start={start} is after the pooled position of some rows; a suffix restart must keep it")
@@ -246,7 +296,8 @@ class ModelRuns:
         with self._delta_hooks((), deltas, ()) as state, self.hooks(fwd_hooks=final_only):
             per_position = self(residual, start_at_layer=layer, attention_mask=attention_mask, past_kv_cache=cache)[..., 0]
             index = torch.zeros_like(last) if final_only else last
-            return state.finish(per_position.gather(1, index[:, None])[:, 0], ()).rewards
+            rewards = state.finish(per_position.gather(1, index[:, None])[:, 0], ()).rewards
+        return rewards, PrefixKV.from_cache(cache, layer) if keep_kv else None
 
     def _final_position_hooks(self, last: Tensor, *, touched: Mapping[str, Any], layer: int) -> list[tuple[str, Any]]:
         """Hooks that keep only each row's pooled position after the last block's attention: the
@@ -269,16 +320,13 @@ class ModelRuns:
     ) -> PrefixKV:
         """The clean keys and values of every block from ``first_layer`` on (one forward, which fills
         a TransformerLens KV cache and so keeps the attention fast path)."""
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch_size=tokens.shape[0])
+        cache = self._empty_cache(tokens.shape[0])
         with torch.no_grad():
             self(tokens, attention_mask=attention_mask, past_kv_cache=cache)
-        layers = range(first_layer, self.cfg.n_layers)
-        return PrefixKV(first_layer, {layer: cache.entries[layer].past_keys for layer in layers},
-                        {layer: cache.entries[layer].past_values for layer in layers})
+        return PrefixKV.from_cache(cache, first_layer)
 
-    def _prefix_cache(self, prefix: PrefixKV, rows: Tensor | None, start: int, layer: int, attention_mask: Tensor) -> Any:
+    def _prefix_cache(self, prefix: PrefixKV, rows: Tensor | None, start: int, layer: int, attention_mask: Tensor,
+                      *, frozen: bool = True) -> Any:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
@@ -289,10 +337,10 @@ class ModelRuns:
                 keys, values = prefix.keys[block], prefix.values[block]
                 if rows is not None:
                     keys, values = keys[rows], values[rows]
-                entries.append(TransformerLensKeyValueCacheEntry(keys[:, :start], values[:, :start], frozen=True))
+                entries.append(TransformerLensKeyValueCacheEntry(keys[:, :start], values[:, :start], frozen=frozen))
             else:
                 entries.append(TransformerLensKeyValueCacheEntry.init_cache_entry(self.cfg, attention_mask.device, n))
-        return TransformerLensKeyValueCache(entries, attention_mask[:, :start], frozen=True)
+        return TransformerLensKeyValueCache(entries, attention_mask[:, :start], frozen=frozen)
 
     @contextmanager
     def _delta_hooks(self, read: Sequence[str], deltas: Mapping[str, Delta] | None, grad_at: Sequence[str]) -> Iterator[Any]:

@@ -123,3 +123,32 @@ def test_features_in_the_forms_users_give_them(rm, pairs, saes):
         ablate(rm, pairs, saes=saes, features=[(hook, "x")], progress=False)
     single = ablate(rm, pairs[0], saes=saes, features=(hook, 3), progress=False)
     assert single.chosen.shape == (1, 1)
+
+
+def test_the_rejected_side_continues_from_the_chosen_sides_ablated_run(rm, saes, monkeypatch):
+    """Pairs whose sides share everything but a short tail: a removal in the shared part changes
+    both sides alike there, so the rejected side's runs recompute only the tail, and the effects
+    still equal full forwards."""
+    from pm_lens import PreferencePair
+    from pm_lens.attribution.batching import pair_batches
+    from tests.attribution.conftest import PAIRS
+
+    pairs = [PreferencePair(p.prompt, p.chosen + " Yes, sure.", p.chosen + " No.") for p in PAIRS]
+    features = [(HOOKS[0], i) for i in range(0, 30, 3)] + [(HOOKS[1], i) for i in (1, 5)]
+    kwargs = dict(saes=saes, features=features, skip_first=False, progress=False)
+    looped = ablate(rm, pairs, batched=False, **kwargs)
+    sizes: list[tuple[int, int]] = []
+    count = rm.count_forward
+    monkeypatch.setattr(rm, "count_forward", lambda input: (sizes.append(tuple(input.shape[:2])), count(input)))
+    batched = ablate(rm, pairs, **kwargs)
+    assert torch.allclose(batched.chosen, looped.chosen, atol=1e-5)
+    assert torch.allclose(batched.rejected, looped.rejected, atol=1e-5)
+    batch = pair_batches(rm, pairs, batch_tokens=4096)[0]
+    chosen, rejected = batch.chosen, batch.rejected
+    width = rejected.tokens.shape[1]
+    shared = (chosen.tokens[:, :width] == rejected.tokens).int().cumprod(1).sum(1)
+    tail = int(rejected.attention_mask.sum(1).max() - shared.min())
+    # The clean forwards and the chosen side's runs span the texts; the rejected side's runs of
+    # removals in the shared part span only the tails (from the first unshared position on).
+    assert tail < width // 3
+    assert sum(positions <= tail for _, positions in sizes) >= len(HOOKS)

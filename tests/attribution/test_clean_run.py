@@ -81,3 +81,26 @@ def test_subset_of_a_clean_run_matches_a_clean_run_of_the_subset(rm, pairs, saes
     torch.testing.assert_close(ablate_like(rm, part, nodes, progress=False).margin,
                                ablate_like(rm, alone, nodes, progress=False).margin, rtol=0, atol=1e-5)
     assert result.subset([2, 0]).clean_run is None  # reordered: not kept (stages then run their own)
+
+
+def test_the_clean_run_keeps_the_keys_and_values_that_restarts_read(rm, pairs, saes, monkeypatch):
+    """The AtP pass keeps each side's keys and values from the first SAE's block on, equal to a
+    separate cached forward's, so ablations restart on a suffix without computing them again."""
+    result = attribute(rm, pairs, saes=saes, progress=False)
+    for side in ("chosen", "rejected"):
+        run = result.clean_run.side(rm, 0, side)
+        assert run.kv is not None and run.kv.first_layer == 1
+        again = rm.prefix_kv(run.batch.tokens, run.batch.attention_mask, first_layer=1)
+        assert set(run.kv.keys) == set(again.keys) == {1, 2, 3}
+        for block in again.keys:
+            assert torch.allclose(run.kv.keys[block], again.keys[block], atol=1e-5)
+            assert torch.allclose(run.kv.values[block], again.values[block], atol=1e-5)
+    reference = ablate_like(rm, result, result.top_nodes(6), clean=None, progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("prefix_kv ran although the clean run holds the keys and values")
+
+    monkeypatch.setattr(rm, "prefix_kv", refuse)
+    reused = ablate_like(rm, result, result.top_nodes(6), progress=False)
+    assert torch.allclose(reused.chosen, reference.chosen, atol=1e-5)
+    assert torch.allclose(reused.rejected, reference.rejected, atol=1e-5)
