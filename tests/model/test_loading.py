@@ -103,3 +103,18 @@ def test_random_head_on_purpose_goes_through_from_hf(tmp_path, tokenizer):
     rm = RewardModel.from_hf(hf_model, tokenizer)
     tokens = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
     assert torch.allclose(rm.reward(tokens), hf_model(tokens).logits[:, 0], atol=1e-5)
+
+
+def test_loading_one_key_at_a_time_sets_what_a_whole_load_sets(tokenizer):
+    """TransformerLens loads converted weights key by key; RewardModel routes each key to the
+    module that owns it (fast), which must set exactly what torch's whole-model load sets."""
+    rm = RewardModel.from_hf(tiny_hf_reward_model(), tokenizer)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in rm.state_dict().items()}
+    one_by_one = RewardModel.from_hf(tiny_hf_reward_model(), tokenizer)
+    for key, value in state.items():
+        one_by_one.load_state_dict({key: value}, strict=False)
+    one_by_one.load_state_dict({"no.such.key": torch.zeros(1)}, strict=False)  # ignored, as torch ignores it
+    whole = RewardModel.from_hf(tiny_hf_reward_model(), tokenizer)
+    torch.nn.Module.load_state_dict(whole, state, strict=False)
+    for key, value in whole.state_dict().items():
+        assert torch.equal(one_by_one.state_dict()[key], value), key
