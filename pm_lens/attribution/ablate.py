@@ -207,9 +207,9 @@ def _run_batches(rm: RewardModel, batches: Any, clean: CleanRun | None, saes: di
         runners = [_SideAblation(rm, run, saes, baselines) for run in runs]
         with rm.counting("ablation"):
             if every:
-                results = [runner.remove_all() for runner in runners]
+                results = _together(runners[0], runners[1], lambda runner: runner.remove_all_deltas())
             elif settings.joint:
-                results = [runner.joint(nodes) for runner in runners]
+                results = _together(runners[0], runners[1], lambda runner: runner.joint_deltas(nodes))
             elif batched:
                 results = _each_pair(runners[0], runners[1], nodes, budget)
             else:
@@ -249,6 +249,16 @@ def _each_pair(chosen: _SideAblation, rejected: _SideAblation, nodes: list[Node]
         for chunk in rejected.chunks(own, budget):
             rejected.run_chunk(hook, nodes, chunk, outs[1])
     return outs
+
+
+def _together(chosen: _SideAblation, rejected: _SideAblation, deltas_of: Any) -> list[Tensor]:
+    """One removal (``deltas_of(side)``) on both sides of a batch, as ``[chosen, rejected]``
+    ``[batch, 1]`` reward changes; the rejected side's run continues from the chosen side's where
+    every pair's sides agree (the removal is the same there)."""
+    start = int(_agreeing_positions(chosen, rejected).min())
+    changed_chosen, kv = chosen.run_deltas(deltas_of(chosen), keep_kv=start > 0)
+    changed_rejected, _ = rejected.run_deltas(deltas_of(rejected), prefix=kv, start=start if kv is not None else 0)
+    return [(changed_chosen - chosen.run.rewards)[:, None], (changed_rejected - rejected.run.rewards)[:, None]]
 
 
 def _agreeing_positions(chosen: _SideAblation, rejected: _SideAblation) -> Tensor:
@@ -412,40 +422,25 @@ class _SideAblation:
             self._prefix = self.rm.prefix_kv(self.run.batch.tokens, self.run.batch.attention_mask, first_layer=first)
         return self._prefix
 
-    def joint(self, nodes: list[Node]) -> Tensor:
+    def joint_deltas(self, nodes: list[Node]) -> dict[str, Any]:
+        """Per hook, the delta that removes ``nodes`` together (see the module docstring)."""
         by_hook: dict[str, list[Node]] = defaultdict(list)
         for node in dict.fromkeys(nodes):
             by_hook[node.hook_name].append(node)
         if len(by_hook) == 1:
             hook, hook_nodes = next(iter(by_hook.items()))
-            deltas: dict[str, Any] = {hook: sum(self.delta(node) for node in hook_nodes)}
-        else:
-            deltas = {hook: self._live_removal(hook, hook_nodes) for hook, hook_nodes in by_hook.items()}
-        return (self._run_deltas(deltas) - self.run.rewards)[:, None]
-
-    def _run_deltas(self, deltas: dict[str, Any]) -> Tensor:
-        """Rewards with ``deltas`` (tensors, or functions of the arriving activation) added at their
-        hooks, restarted from the clean run at the first of them (nothing before it changes)."""
-        rm, batch = self.rm, self.run.batch
-        layers = {hook: rm.hook_layer(hook) for hook in deltas}
-        if any(layer is None for layer in layers.values()):
-            return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards
-        first = min(deltas, key=lambda hook: layers[hook] + rm.is_layer_output(hook))
-        layer = layers[first]
-        if not rm.is_layer_output(first):
-            return rm.run_from(self.run.residuals[layer], batch.attention_mask, layer=layer, deltas=deltas)
-        rest = {hook: delta for hook, delta in deltas.items() if hook != first}
-        x, delta = self.run.nodes[first].x, deltas[first]
-        x = x + (delta(x) if callable(delta) else delta).reshape(x.shape)
-        return rm.run_from(x, batch.attention_mask, layer=layer + 1, deltas=rest)
+            return {hook: sum(self.delta(node) for node in hook_nodes)}
+        return {hook: self._live_removal(hook, hook_nodes) for hook, hook_nodes in by_hook.items()}
 
     def _live_removal(self, hook: str, nodes: list[Node]) -> Any:
-        """The delta that removes ``nodes`` from the activation as it arrives at ``hook``."""
-        sae, baseline, mask = self.saes[hook], self.baselines[hook], self.mask
-        features = torch.tensor([n.feature for n in nodes if not n.is_error], dtype=torch.long, device=mask.device)
+        """The delta that removes ``nodes`` from the activation as it arrives at ``hook`` (at the
+        last positions of the batch when a restart recomputes only those)."""
+        sae, baseline, full_mask = self.saes[hook], self.baselines[hook], self.mask
+        features = torch.tensor([n.feature for n in nodes if not n.is_error], dtype=torch.long, device=full_mask.device)
         with_error = any(n.is_error for n in nodes)
 
         def removal(act: Tensor) -> Tensor:
+            mask = full_mask[:, full_mask.shape[1] - act.shape[1]:]
             arrived = split(sae, act)
             delta = features_delta(arrived.acts[..., features], baseline[features], self.directions[hook][features],
                                    arrived.scale, mask)
@@ -453,9 +448,31 @@ class _SideAblation:
 
         return removal
 
-    def remove_all(self) -> Tensor:
+    def remove_all_deltas(self) -> dict[str, Tensor]:
+        """Per hook, the delta that sets the activation to its decoded baselines."""
         with torch.no_grad():
-            deltas = {hook: removal_delta(self.acts(hook), self.baselines[hook], self.directions[hook], n.error, n.scale,
-                                          self.mask)
-                      for hook, n in self.run.nodes.items()}
-            return (self._run_deltas(deltas) - self.run.rewards)[:, None]
+            return {hook: removal_delta(self.acts(hook), self.baselines[hook], self.directions[hook], n.error, n.scale,
+                                        self.mask)
+                    for hook, n in self.run.nodes.items()}
+
+    def run_deltas(self, deltas: dict[str, Any], *, prefix: PrefixKV | None = None, start: int = 0,
+                   keep_kv: bool = False) -> tuple[Tensor, PrefixKV | None]:
+        """Rewards with ``deltas`` (tensors, or functions of the arriving activation) added at their
+        hooks, restarted from the clean run at the first of them (nothing before it changes), and
+        with ``prefix`` only from position ``start`` on; with ``keep_kv``, also the run's keys and
+        values (None when a hook is outside the blocks and the whole model reran)."""
+        rm, batch = self.rm, self.run.batch
+        layers = {hook: rm.hook_layer(hook) for hook in deltas}
+        if any(layer is None for layer in layers.values()):
+            return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards, None
+        first = min(deltas, key=lambda hook: layers[hook] + rm.is_layer_output(hook))
+        layer = layers[first]
+        if rm.is_layer_output(first):
+            x, delta = self.run.nodes[first].x, deltas[first]
+            residual = x + (delta(x) if callable(delta) else delta).reshape(x.shape)
+            layer, deltas = layer + 1, {hook: delta for hook, delta in deltas.items() if hook != first}
+        else:
+            residual = self.run.residuals[layer]
+        restart = rm.run_from_keeping_kv if keep_kv else rm.run_from
+        result = restart(residual, batch.attention_mask, layer=layer, deltas=deltas, prefix=prefix, start=start)
+        return result if keep_kv else (result, None)

@@ -248,8 +248,8 @@ class ModelRuns:
         start: int = 0,
     ) -> Float[Tensor, " batch"]:
         """Rewards of a forward restarted at block ``layer`` from ``residual`` (that block's input),
-        with ``deltas`` (full-length tensors, or functions of the arriving activation when
-        ``start`` is 0) added at later hooks.
+        with ``deltas`` added at later hooks: full-length tensors, or functions of the arriving
+        activation (which then holds only the recomputed positions, ``start`` onwards).
 
         With ``prefix`` (the clean keys and values of the batch ``rows`` index into) and ``start``,
         only positions ``start`` onwards are recomputed: the forward must change nothing before
@@ -284,7 +284,7 @@ class ModelRuns:
                 raise ValueError(f"the prefix holds blocks {prefix.first_layer}.. but the restart is at block {layer}")
             cache = self._prefix_cache(prefix, rows, start, layer, attention_mask, frozen=not keep_kv)
             residual = residual[:, start:]
-            deltas = {name: delta[:, start:] for name, delta in deltas.items()}
+            deltas = {name: delta if callable(delta) else delta[:, start:] for name, delta in deltas.items()}
         else:
             start = 0
             if keep_kv:

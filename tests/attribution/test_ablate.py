@@ -63,16 +63,20 @@ def test_joint_ablation_is_removal_in_one_run(rm, pairs, saes, hooks_used):
     features = [(HOOKS[0], 112), (HOOKS[0], 44), (HOOKS[1], 89), (HOOKS[1], 37)][: 2 * hooks_used]
     joint = ablate(rm, pairs, saes=saes, features=features, jointly=True, skip_first=False, progress=False)
     assert joint.joint and joint.nodes == tuple(Node(h, i) for h, i in features) and joint.margin.shape == (3, 1)
-    side = encode_pairs(rm.tokenizer, pairs, max_len=128).chosen
+    batch = encode_pairs(rm.tokenizer, pairs, max_len=128)
     fwd_hooks = [(HOOKS[h], _remove_by_hand(saes[h], [i for name, i in features if name == HOOKS[h]]))
                  for h in range(hooks_used)]
-    with torch.no_grad():
-        clean = rm.reward(side.tokens, side.attention_mask)
-        with rm.hooks(fwd_hooks=fwd_hooks):
-            ablated = rm.reward(side.tokens, side.attention_mask)
-    assert torch.allclose(joint.chosen[:, 0], ablated - clean, atol=1e-5)
-    assert torch.allclose(joint.clean_chosen, clean, atol=1e-5)
-    assert (ablated - clean).abs().max() > 1e-3
+    # The rejected side's run continues from the chosen side's over the shared prompt: both are
+    # checked against whole forwards.
+    for side, effect, clean_reward in [(batch.chosen, joint.chosen, joint.clean_chosen),
+                                       (batch.rejected, joint.rejected, joint.clean_rejected)]:
+        with torch.no_grad():
+            clean = rm.reward(side.tokens, side.attention_mask)
+            with rm.hooks(fwd_hooks=fwd_hooks):
+                ablated = rm.reward(side.tokens, side.attention_mask)
+        assert torch.allclose(effect[:, 0], ablated - clean, atol=1e-5)
+        assert torch.allclose(clean_reward, clean, atol=1e-5)
+        assert (ablated - clean).abs().max() > 1e-3
 
 
 def test_divergence_and_masks(rm, pairs):
@@ -152,3 +156,22 @@ def test_the_rejected_side_continues_from_the_chosen_sides_ablated_run(rm, saes,
     # removals in the shared part span only the tails (from the first unshared position on).
     assert tail < width // 3
     assert sum(positions <= tail for _, positions in sizes) >= len(HOOKS)
+
+
+def test_removing_every_node_sets_the_hook_to_the_decoded_baseline(rm, pairs, saes):
+    """features="all" at one hook (zero baseline, every position): the activation becomes the SAE's
+    decode of zeros, on both sides (the rejected side's run continues from the chosen side's)."""
+    sae = saes[0]
+    everything = ablate(rm, pairs, saes=[sae], features="all", skip_first=False, progress=False)
+    batch = encode_pairs(rm.tokenizer, pairs, max_len=128)
+
+    def decoded_zeros(act, hook):
+        return sae.decode(torch.zeros(*act.shape[:-1], sae.cfg.d_sae)).reshape(act.shape)
+
+    for side, effect in [(batch.chosen, everything.chosen), (batch.rejected, everything.rejected)]:
+        with torch.no_grad():
+            clean = rm.reward(side.tokens, side.attention_mask)
+            with rm.hooks(fwd_hooks=[(HOOKS[0], decoded_zeros)]):
+                removed = rm.reward(side.tokens, side.attention_mask)
+        assert torch.allclose(effect[:, 0], removed - clean, atol=1e-5)
+        assert (removed - clean).abs().max() > 1e-3
