@@ -253,12 +253,32 @@ def _each_pair(chosen: _SideAblation, rejected: _SideAblation, nodes: list[Node]
 
 def _together(chosen: _SideAblation, rejected: _SideAblation, deltas_of: Any) -> list[Tensor]:
     """One removal (``deltas_of(side)``) on both sides of a batch, as ``[chosen, rejected]``
-    ``[batch, 1]`` reward changes; the rejected side's run continues from the chosen side's where
-    every pair's sides agree (the removal is the same there)."""
-    start = int(_agreeing_positions(chosen, rejected).min())
-    changed_chosen, kv = chosen.run_deltas(deltas_of(chosen), keep_kv=start > 0)
-    changed_rejected, _ = rejected.run_deltas(deltas_of(rejected), prefix=kv, start=start if kv is not None else 0)
-    return [(changed_chosen - chosen.run.rewards)[:, None], (changed_rejected - rejected.run.rewards)[:, None]]
+    ``[batch, 1]`` reward changes. The rejected side's rows run in groups that agree with their
+    chosen sides up to about the same position, each continuing from the chosen side's keys and
+    values from there (the removal is the same on both sides before it)."""
+    agree = _agreeing_positions(chosen, rejected)
+    changed_chosen, kv = chosen.run_deltas(deltas_of(chosen), keep_kv=bool(agree.max() > 0))
+    out = torch.zeros_like(rejected.run.rewards)
+    for rows in _rows_by_restart(agree.tolist(), width=rejected.run.batch.tokens.shape[1]):
+        index = torch.tensor(rows, device=out.device)
+        part = rejected if len(rows) == len(out) else _SideAblation(rejected.rm, rejected.run.rows(index), rejected.saes,
+                                                                    rejected.baselines)
+        start = int(agree[index].min()) if kv is not None else 0
+        changed, _ = part.run_deltas(deltas_of(part), prefix=None if kv is None else kv.rows(index), start=start)
+        out[index] = changed - part.run.rewards
+    return [(changed_chosen - chosen.run.rewards)[:, None], out[:, None]]
+
+
+def _rows_by_restart(starts: list[int], *, width: int) -> list[list[int]]:
+    """Rows grouped so that each group restarts at its earliest row's position: a new group
+    begins when holding a row back would recompute more than about one row's worth of positions."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(starts)), key=lambda r: -starts[r]):
+        if groups and len(groups[-1]) * (starts[groups[-1][-1]] - starts[row]) <= width:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return [sorted(group) for group in groups]
 
 
 def _agreeing_positions(chosen: _SideAblation, rejected: _SideAblation) -> Tensor:
