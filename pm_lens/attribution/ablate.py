@@ -20,17 +20,21 @@ Batched (the default), per batch of pairs and side:
    block output, at the next block). A row where the node is zero at every selected position is
    unchanged by its removal and is not run at all;
 3. a removal changes nothing before the first position where the node is nonzero, and attention
-   is causal, so only positions from there on are recomputed, attending to the clean keys and
-   values of the earlier ones (read once per side, ``RewardModel.prefix_kv``); rows are grouped by
-   that first position so each forward (up to ``batch_tokens`` recomputed tokens) starts late.
-With ``batched=False`` every node gets a full forward of its own (the reference the batched path
-is tested against, and the baseline of ``benchmarks/attribution_cost.py``).
+   is causal, so only positions from there on are recomputed (up to the rows' last pooled one),
+   attending to the clean keys and values of the earlier ones (kept by the clean run, or read
+   once per side with ``RewardModel.prefix_kv``); rows are grouped by that first position so
+   each forward (up to ``batch_tokens`` recomputed tokens) starts late;
+4. where a pair's two sides agree up to a position (prompt, shared start of the responses), a
+   removal beginning before it is the same on both sides there: the rejected side's run
+   continues from the chosen side's ablated keys and values and recomputes only its tail.
+The machinery is in :mod:`pm_lens.attribution.removals`. With ``batched=False`` every node gets a
+full forward of its own (the reference the batched path is tested against, and the baseline of
+``benchmarks/attribution_cost.py``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -44,19 +48,17 @@ from tqdm.auto import tqdm
 
 from pm_lens.attribution.attribute import BASELINES, feature_baselines
 from pm_lens.attribution.batching import pair_batches
-from pm_lens.attribution.clean import SIDES, CleanRun, CleanSettings, SideRun, clean_side
-from pm_lens.attribution.formulas import error_delta, feature_delta, features_delta, removal_delta, target_of
+from pm_lens.attribution.clean import SIDES, CleanRun, CleanSettings, clean_side
+from pm_lens.attribution.formulas import target_of
 from pm_lens.attribution.nodes import plain_model, resolve_saes
-from pm_lens.attribution.outliers import OUTLIER_RATIO, outlier_positions
+from pm_lens.attribution.outliers import OUTLIER_RATIO
 from pm_lens.attribution.positions import check_positions, pair_masks
+from pm_lens.attribution.removals import SideAblation, each_pair, together
 from pm_lens.data import SKIP_FIRST, PairsLike, as_pairs, describe_text_format
 from pm_lens.model import RewardModel
-from pm_lens.model.runs import PrefixKV, final_positions
 from pm_lens.saes.node import Node, as_nodes
-from pm_lens.saes.split import directions, split
 
 ALL = "all"  # every feature and error node of every SAE, removed together
-Item = tuple[int, int, int]  # an ablation in a batch: (first changed position, node column, row)
 
 
 @dataclass(frozen=True)
@@ -204,14 +206,14 @@ def _run_batches(rm: RewardModel, batches: Any, clean: CleanRun | None, saes: di
         masks = pair_masks(batch, settings.positions, skip_first=settings.skip_first)
         runs = [clean.side(rm, b, side) if clean is not None else clean_side(rm, getattr(batch, side), mask, saes)[0]
                 for side, mask in zip(SIDES, masks)]
-        runners = [_SideAblation(rm, run, saes, baselines) for run in runs]
+        runners = [SideAblation(rm, run, saes, baselines) for run in runs]
         with rm.counting("ablation"):
             if every:
-                results = _together(runners[0], runners[1], lambda runner: runner.remove_all_deltas())
+                results = together(runners[0], runners[1], lambda runner: runner.remove_all_deltas())
             elif settings.joint:
-                results = _together(runners[0], runners[1], lambda runner: runner.joint_deltas(nodes))
+                results = together(runners[0], runners[1], lambda runner: runner.joint_deltas(nodes))
             elif batched:
-                results = _each_pair(runners[0], runners[1], nodes, budget)
+                results = each_pair(runners[0], runners[1], nodes, budget)
             else:
                 results = [runner.each(nodes) for runner in runners]
         for side, runner, result in zip(SIDES, runners, results):
@@ -219,77 +221,6 @@ def _run_batches(rm: RewardModel, batches: Any, clean: CleanRun | None, saes: di
             columns[side].append(result)
             rewards[side].append(runner.run.rewards)
     return columns, rewards, at_outliers
-
-
-def _each_pair(chosen: _SideAblation, rejected: _SideAblation, nodes: list[Node], budget: int) -> list[Tensor]:
-    """The one-at-a-time ablations of a batch of pairs, stacked per hook (see the module
-    docstring), as ``[chosen, rejected]`` ``[batch, n_nodes]`` reward changes.
-
-    Where the two sides of a pair agree up to a position (the same tokens and selected positions:
-    the prompt, and any common start of the responses), a removal that begins before it changes
-    both sides alike up to there, so the rejected side's run continues from the chosen side's
-    ablated keys and values and recomputes only from that position on."""
-    outs = [torch.zeros(side.run.rewards.shape[0], len(nodes), device=side.run.rewards.device) for side in (chosen, rejected)]
-    agree = _agreeing_positions(chosen, rejected).tolist()
-    by_hook: dict[str, list[int]] = defaultdict(list)
-    for column, node in enumerate(nodes):
-        by_hook[node.hook_name].append(column)
-    for hook, hook_columns in by_hook.items():
-        chosen_items = chosen.items(nodes, hook_columns)
-        shared = {} if chosen.rm.hook_layer(hook) is None else {
-            (c, r): agree[r] for f, c, r in chosen_items if f < agree[r]}
-        for chunk in chosen.chunks(chosen_items, budget):
-            follow = [(shared[c, r], c, r) for _, c, r in chunk if (c, r) in shared]
-            kv = chosen.run_chunk(hook, nodes, chunk, outs[0], keep_kv=bool(follow))
-            at = {(c, r): i for i, (_, c, r) in enumerate(chunk)}
-            for part in rejected.chunks(follow, budget):
-                index = torch.tensor([at[c, r] for _, c, r in part], device=outs[0].device)
-                rejected.run_chunk(hook, nodes, part, outs[1], prefix=kv.rows(index))
-        own = [item for item in rejected.items(nodes, hook_columns) if (item[1], item[2]) not in shared]
-        for chunk in rejected.chunks(own, budget):
-            rejected.run_chunk(hook, nodes, chunk, outs[1])
-    return outs
-
-
-def _together(chosen: _SideAblation, rejected: _SideAblation, deltas_of: Any) -> list[Tensor]:
-    """One removal (``deltas_of(side)``) on both sides of a batch, as ``[chosen, rejected]``
-    ``[batch, 1]`` reward changes. The rejected side's rows run in groups that agree with their
-    chosen sides up to about the same position, each continuing from the chosen side's keys and
-    values from there (the removal is the same on both sides before it)."""
-    agree = _agreeing_positions(chosen, rejected)
-    changed_chosen, kv = chosen.run_deltas(deltas_of(chosen), keep_kv=bool(agree.max() > 0))
-    out = torch.zeros_like(rejected.run.rewards)
-    for rows in _rows_by_restart(agree.tolist(), width=rejected.run.batch.tokens.shape[1]):
-        index = torch.tensor(rows, device=out.device)
-        part = rejected if len(rows) == len(out) else _SideAblation(rejected.rm, rejected.run.rows(index), rejected.saes,
-                                                                    rejected.baselines)
-        start = int(agree[index].min()) if kv is not None else 0
-        changed, _ = part.run_deltas(deltas_of(part), prefix=None if kv is None else kv.rows(index), start=start)
-        out[index] = changed - part.run.rewards
-    return [(changed_chosen - chosen.run.rewards)[:, None], out[:, None]]
-
-
-def _rows_by_restart(starts: list[int], *, width: int) -> list[list[int]]:
-    """Rows grouped so that each group restarts at its earliest row's position: a new group
-    begins when holding a row back would recompute more than about one row's worth of positions."""
-    groups: list[list[int]] = []
-    for row in sorted(range(len(starts)), key=lambda r: -starts[r]):
-        if groups and len(groups[-1]) * (starts[groups[-1][-1]] - starts[row]) <= width:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return [sorted(group) for group in groups]
-
-
-def _agreeing_positions(chosen: _SideAblation, rejected: _SideAblation) -> Tensor:
-    """``[batch]`` how many leading positions the two sides of each pair share (same tokens, both
-    attended, same selection), at most the rejected side's pooled position (which its run must
-    recompute)."""
-    c, r = chosen.run, rejected.run
-    width = min(c.batch.tokens.shape[1], r.batch.tokens.shape[1])
-    same = ((c.batch.tokens[:, :width] == r.batch.tokens[:, :width]) & (c.batch.attention_mask[:, :width] != 0)
-            & (r.batch.attention_mask[:, :width] != 0) & (c.mask[:, :width] == r.mask[:, :width]))
-    return torch.minimum(same.int().cumprod(1).sum(1), rejected.pooled)
 
 
 def _every_node(saes: Mapping[str, SAE]) -> list[Node]:
@@ -315,184 +246,3 @@ def _warn_at_outliers(nodes: set[Node]) -> None:
         f"activation norm is over {OUTLIER_RATIO:.0f}x the median (attention sinks, start tokens); their exact effects "
         "include what removing them there does. Leave such positions out (skip_first=True, positions='completion' "
         "or 'diverge') to measure the text's features alone.", stacklevel=3)
-
-
-class _SideAblation:
-    """Ablations on one side of one batch, from its clean run."""
-
-    def __init__(self, rm: RewardModel, run: SideRun, saes: dict[str, SAE], baselines: dict[str, Tensor]):
-        self.rm, self.run, self.saes, self.baselines = rm, run, saes, baselines
-        self.mask = run.mask
-        self.directions = {hook: directions(sae) for hook, sae in saes.items()}
-        self._acts: dict[str, Tensor] = {}
-        self._prefix: Any = None
-        self.pooled = final_positions(None, run.batch.attention_mask)
-
-    def acts(self, hook: str) -> Tensor:
-        if hook not in self._acts:
-            self._acts[hook] = self.run.dense_acts(hook)
-        return self._acts[hook]
-
-    def at_outliers(self, nodes: list[Node]) -> set[Node]:
-        """The ``nodes`` that are nonzero at a selected outlier position of this side."""
-        found = set()
-        for hook in {n.hook_name for n in nodes}:
-            outliers, _ = outlier_positions(self.run.nodes[hook].x, self.mask)
-            if outliers.any():
-                acts = self.acts(hook)[outliers]
-                found |= {n for n in nodes if n.hook_name == hook and (n.is_error or bool((acts[:, n.feature] != 0).any()))}
-        return found
-
-    def delta(self, node: Node, rows: Tensor | None = None) -> Tensor:
-        """The change of the activation at ``node``'s hook when it is removed (``[rows, pos, d_in]``)."""
-        nodes = self.run.nodes[node.hook_name]
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        with torch.no_grad():
-            if node.is_error:
-                return error_delta(pick(nodes.error), pick(self.mask))
-            return feature_delta(pick(self.acts(node.hook_name)[..., node.feature]), self.baselines[node.hook_name][node.feature],
-                                 self.directions[node.hook_name][node.feature], pick(nodes.scale), pick(self.mask))
-
-    def changed(self, node: Node) -> Tensor:
-        """``[batch, pos]`` where removing ``node`` changes the activation."""
-        if node.is_error:
-            return self.mask & (self.run.nodes[node.hook_name].error != 0).any(-1)
-        baseline = self.baselines[node.hook_name][node.feature]
-        return self.mask & (self.acts(node.hook_name)[..., node.feature] != baseline)
-
-    def each(self, nodes: list[Node]) -> Tensor:
-        """``[batch, n_nodes]`` reward changes, one full forward per node (the reference)."""
-        out = torch.zeros(self.run.rewards.shape[0], len(nodes), device=self.run.rewards.device)
-        tokens, attention = self.run.batch.tokens, self.run.batch.attention_mask
-        for column, node in enumerate(nodes):
-            rewards = self.rm.run_with_deltas(tokens, attention, deltas={node.hook_name: self.delta(node)}).rewards
-            out[:, column] = rewards - self.run.rewards
-        return out
-
-    def items(self, nodes: list[Node], columns: list[int]) -> list[Item]:
-        """The (first changed position, column, row) of every row a node of ``columns`` changes;
-        a row where the node changes nothing is left out."""
-        items = []
-        for column in columns:
-            changed = self.changed(nodes[column])
-            rows = changed.any(1).nonzero().flatten()
-            firsts = changed[rows].int().argmax(1)
-            items += [(int(f), column, int(r)) for f, r in zip(firsts.tolist(), rows.tolist())]
-        return items
-
-    def chunks(self, items: list[Item], budget: int) -> list[list[Item]]:
-        """``items`` in forwards of at most ``budget`` recomputed tokens; rows that restart late
-        go together, so each forward restarts as late as possible."""
-        items = sorted(items, key=lambda item: -item[0])
-        width, chunks, current = self.run.batch.tokens.shape[1], [], []
-        for item in items:
-            # A row that changes earlier makes the whole chunk restart earlier: start a new chunk
-            # when that would cost more recomputed tokens than one more forward (~ one row's worth).
-            later = current and len(current) * (current[-1][0] - item[0]) > width
-            if current and (later or (len(current) + 1) * (width - item[0]) > budget):
-                chunks.append(current)
-                current = []
-            current.append(item)
-        return chunks + ([current] if current else [])
-
-    def run_chunk(self, hook: str, nodes: list[Node], chunk: list[Item], out: Tensor, *, prefix: PrefixKV | None = None,
-                  keep_kv: bool = False) -> PrefixKV | None:
-        """Run one chunk's ablations stacked along the batch in one forward, restarted at the
-        chunk's earliest position against ``prefix`` (row-aligned with ``chunk``; by default this
-        side's clean keys and values), and write the reward changes to ``out``. With
-        ``keep_kv``, return the ablated run's keys and values."""
-        columns = torch.tensor([c for _, c, _ in chunk])
-        rows = torch.tensor([r for _, _, r in chunk], device=self.run.rewards.device)
-        deltas = torch.cat([self.delta(nodes[c], rows[i : i + 1]) for i, (_, c, _) in enumerate(chunk)])
-        rewards, kv = self._stacked(hook, rows, deltas, min(f for f, _, _ in chunk), prefix, keep_kv)
-        out[rows, columns.to(out.device)] = rewards - self.run.rewards[rows]
-        return kv
-
-    def _stacked(self, hook: str, rows: Tensor, deltas: Tensor, start: int, prefix: PrefixKV | None,
-                 keep_kv: bool) -> tuple[Tensor, PrefixKV | None]:
-        """Rewards of ``rows`` (repeats allowed) with ``deltas`` added at ``hook``, restarted at the
-        hook's block (the next one for a block output), recomputing only positions ``start`` up to
-        the last row's pooled one."""
-        rm, batch = self.rm, self.run.batch
-        layer = rm.hook_layer(hook)
-        if layer is None:
-            return rm.run_with_deltas(batch.tokens[rows], batch.attention_mask[rows], deltas={hook: deltas}).rewards, None
-        end = int(self.pooled[rows].max()) + 1  # positions after every row's pooled one change nothing read
-        attention, deltas = batch.attention_mask[rows, :end], deltas[:, :end]
-        restart = rm.run_from_keeping_kv if keep_kv else rm.run_from
-        if rm.is_layer_output(hook):
-            # The delta is the next block's input: start there.
-            layer, x = layer + 1, self.run.nodes[hook].x[rows, :end]
-            args: tuple[Tensor, dict[str, Tensor]] = (x + deltas.reshape(x.shape), {})
-        else:
-            args = (self.run.residuals[layer][rows, :end], {hook: deltas})
-        where = dict(prefix=prefix, rows=None) if prefix is not None else dict(prefix=self.prefix(layer), rows=rows)
-        result = restart(args[0], attention, layer=layer, deltas=args[1], start=start, **where)
-        return result if keep_kv else (result, None)
-
-    def prefix(self, layer: int) -> PrefixKV | None:
-        """This side's clean keys and values of blocks ``layer`` on: the clean run's, or (one extra
-        forward per side, counted with the ablations) computed here; None past the last block."""
-        if layer >= self.rm.cfg.n_layers:
-            return None
-        if self.run.kv is not None and self.run.kv.first_layer <= layer:
-            return self.run.kv
-        if self._prefix is None or self._prefix.first_layer > layer:
-            first = min(layer, min((self.rm.hook_layer(h) for h in self.saes if self.rm.hook_layer(h) is not None), default=layer))
-            self._prefix = self.rm.prefix_kv(self.run.batch.tokens, self.run.batch.attention_mask, first_layer=first)
-        return self._prefix
-
-    def joint_deltas(self, nodes: list[Node]) -> dict[str, Any]:
-        """Per hook, the delta that removes ``nodes`` together (see the module docstring)."""
-        by_hook: dict[str, list[Node]] = defaultdict(list)
-        for node in dict.fromkeys(nodes):
-            by_hook[node.hook_name].append(node)
-        if len(by_hook) == 1:
-            hook, hook_nodes = next(iter(by_hook.items()))
-            return {hook: sum(self.delta(node) for node in hook_nodes)}
-        return {hook: self._live_removal(hook, hook_nodes) for hook, hook_nodes in by_hook.items()}
-
-    def _live_removal(self, hook: str, nodes: list[Node]) -> Any:
-        """The delta that removes ``nodes`` from the activation as it arrives at ``hook`` (at the
-        last positions of the batch when a restart recomputes only those)."""
-        sae, baseline, full_mask = self.saes[hook], self.baselines[hook], self.mask
-        features = torch.tensor([n.feature for n in nodes if not n.is_error], dtype=torch.long, device=full_mask.device)
-        with_error = any(n.is_error for n in nodes)
-
-        def removal(act: Tensor) -> Tensor:
-            mask = full_mask[:, full_mask.shape[1] - act.shape[1]:]
-            arrived = split(sae, act)
-            delta = features_delta(arrived.acts[..., features], baseline[features], self.directions[hook][features],
-                                   arrived.scale, mask)
-            return delta + error_delta(arrived.error, mask) if with_error else delta
-
-        return removal
-
-    def remove_all_deltas(self) -> dict[str, Tensor]:
-        """Per hook, the delta that sets the activation to its decoded baselines."""
-        with torch.no_grad():
-            return {hook: removal_delta(self.acts(hook), self.baselines[hook], self.directions[hook], n.error, n.scale,
-                                        self.mask)
-                    for hook, n in self.run.nodes.items()}
-
-    def run_deltas(self, deltas: dict[str, Any], *, prefix: PrefixKV | None = None, start: int = 0,
-                   keep_kv: bool = False) -> tuple[Tensor, PrefixKV | None]:
-        """Rewards with ``deltas`` (tensors, or functions of the arriving activation) added at their
-        hooks, restarted from the clean run at the first of them (nothing before it changes), and
-        with ``prefix`` only from position ``start`` on; with ``keep_kv``, also the run's keys and
-        values (None when a hook is outside the blocks and the whole model reran)."""
-        rm, batch = self.rm, self.run.batch
-        layers = {hook: rm.hook_layer(hook) for hook in deltas}
-        if any(layer is None for layer in layers.values()):
-            return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards, None
-        first = min(deltas, key=lambda hook: layers[hook] + rm.is_layer_output(hook))
-        layer = layers[first]
-        if rm.is_layer_output(first):
-            x, delta = self.run.nodes[first].x, deltas[first]
-            residual = x + (delta(x) if callable(delta) else delta).reshape(x.shape)
-            layer, deltas = layer + 1, {hook: delta for hook, delta in deltas.items() if hook != first}
-        else:
-            residual = self.run.residuals[layer]
-        restart = rm.run_from_keeping_kv if keep_kv else rm.run_from
-        result = restart(residual, batch.attention_mask, layer=layer, deltas=deltas, prefix=prefix, start=start)
-        return result if keep_kv else (result, None)

@@ -9,7 +9,9 @@ on it read it instead of running the clean forward again.
 
 What it keeps, per batch and side (:class:`SideRun`): the token batch, the positions acted on,
 the rewards, per hook the activation ``x``, the feature activations (sparse) and the error node,
-and the block inputs a restarted ablation needs. Within ``budget_bytes`` everything is kept; past
+the block inputs a restarted ablation needs, and the keys and values of the blocks from the first
+SAE's on (what a restart at a later position attends to; per token and block ``2 * n_kv_heads *
+d_head`` numbers, e.g. 4 KiB in bf16 for a Llama-3-8B block). Within ``budget_bytes`` everything is kept; past
 it only tokens and rewards are, and a later stage recomputes the rest (counted as a ``"clean"``
 forward too, so a run's count shows the cost).
 """
