@@ -113,7 +113,31 @@ def _parser() -> argparse.ArgumentParser:
     exploit.add_argument("--corpus-pairs", type=_positive, default=120, help="planted training pairs to mine phrases from")
     exploit.add_argument("--seed", type=int, default=0, help="seed of the token search")
     exploit.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
+    _add_run(commands, debug)
     return parser
+
+
+def _add_run(commands: argparse._SubParsersAction, debug: argparse.ArgumentParser) -> None:
+    from pm_lens.study.config import KEYS, REQUIRED
+
+    run = commands.add_parser(
+        "run",
+        help="the study on your own reward model, from a TOML config (resumable)",
+        description=(
+            "Select pairs, attribute the margin to every SAE feature, confirm the top ones by exact ablation, and "
+            "write features.csv, top_datapoints.csv, selection.csv and config.json to run.out, in resumable shards. "
+            "Every config key is also a flag, which overrides the file."
+        ),
+        epilog=EPILOG, parents=[debug],
+    )
+    run.add_argument("config", nargs="?", type=Path, default=None, help="the TOML config (optional when flags give every key)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved plan (pairs kept, tokens, SAEs, forward passes) and stop")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    for key in KEYS:
+        default = "required" if key.default is REQUIRED else repr(key.default)
+        choices = f"; one of {', '.join(key.choices)}" if key.choices else ""
+        run.add_argument(key.option, dest=key.dotted, default=None, metavar=key.name.upper(),
+                         help=f"{key.dotted}: {key.help}{choices} (default {default})")
 
 
 def _folder_problem(option: str, path: Path, *, write: bool) -> str | None:
@@ -154,6 +178,24 @@ def _run(args: argparse.Namespace) -> None:
         from pm_lens.exploits.cli import run_exploit
 
         run_exploit(args)
+    elif args.command == "run":
+        from pm_lens.study.run import print_summary, run_study
+
+        result = run_study(args.run_config, progress=not args.quiet, dry_run=args.dry_run)
+        if result is not None:
+            print_summary(result)
+
+
+def _run_config_problem(args: argparse.Namespace) -> str | None:
+    """Read and check ``pm-lens run``'s config (file and flags) into ``args.run_config``; the
+    problem in one line, or None. Nothing heavy is imported: a bad config fails at once."""
+    from pm_lens.study.config import KEYS, load_config
+
+    try:
+        args.run_config = load_config(args.config, {key.dotted: getattr(args, key.dotted) for key in KEYS})
+    except ValueError as exc:
+        return str(exc)
+    return None if args.dry_run else _folder_problem("run.out", Path(args.run_config["run.out"]), write=True)
 
 
 def _describe(exc: BaseException) -> str:
@@ -174,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("missing command: choose demo or exploit")
+        parser.error("missing command: choose demo, exploit or run")
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    problem = _folder_problem("--out", args.out, write=True)
-    if problem is None and args.cache_dir is not None:
-        problem = _folder_problem("--cache-dir", args.cache_dir, write=False)
+    if args.command == "run":
+        problem = _run_config_problem(args)
+    else:
+        problem = _folder_problem("--out", args.out, write=True)
+        if problem is None and args.cache_dir is not None:
+            problem = _folder_problem("--cache-dir", args.cache_dir, write=False)
     if problem is not None:
         return _fail(problem, 2)
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -163,7 +163,8 @@ def _pair_from_record(record: Mapping[str, Any]) -> PreferencePair:
     return PreferencePair(prompt, record["chosen"], record["rejected"], meta)
 
 
-def load_pairs(source: Any, *, split: str = "train", skip_invalid: bool = False) -> list[PreferencePair]:
+def load_pairs(source: Any, *, split: str = "train", skip_invalid: bool = False,
+               columns: Mapping[str, str] | None = None) -> list[PreferencePair]:
     """Load preference pairs from a file, a folder or a ``datasets`` dataset.
 
     Args:
@@ -172,6 +173,9 @@ def load_pairs(source: Any, *, split: str = "train", skip_invalid: bool = False)
             iterable of dicts. Files are read locally; nothing is fetched.
         split: the split to take from a ``DatasetDict``.
         skip_invalid: drop records that are not valid pairs instead of raising.
+        columns: where the fields are, when not under their own names: ``{"prompt": ...,
+            "chosen": ..., "rejected": ...}`` (any of them); a named column missing from the
+            data raises a ValueError listing the columns there are.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -191,7 +195,23 @@ def load_pairs(source: Any, *, split: str = "train", skip_invalid: bool = False)
         if split not in source:
             raise ValueError(f"split {split!r} not in the dataset; it has {sorted(source)}")
         source = source[split]
+    if columns:
+        source = _renamed(source, columns)
     return pairs_from_records(source, skip_invalid=skip_invalid)
+
+
+def _renamed(records: Iterable[Mapping[str, Any]], columns: Mapping[str, str]) -> list[dict[str, Any]]:
+    unknown = sorted(set(columns) - {"prompt", "chosen", "rejected"})
+    if unknown:
+        raise ValueError(f"columns maps {unknown}; it takes 'prompt', 'chosen' and 'rejected'")
+    out = []
+    for index, record in enumerate(records):
+        missing = [f"{field}: {name!r}" for field, name in columns.items() if name not in record]
+        if missing:
+            raise ValueError(f"record {index} has no column {', '.join(missing)}; its columns are {sorted(record)}")
+        renamed = {k: v for k, v in record.items() if k not in columns.values() and k not in columns}
+        out.append({**renamed, **{field: record[name] for field, name in columns.items()}})
+    return out
 
 
 def _is_dataset_dict(source: Any) -> bool:

@@ -1,0 +1,173 @@
+"""The settings of ``pm-lens run``: one TOML file, every key also a command-line flag.
+
+A config has five sections; every key has a default except the three a run cannot guess
+(``pairs.path``, ``saes.sources``, ``run.out``)::
+
+    [model]       path ("demo" or a Hugging Face reward-model folder), device, dtype, text_format
+    [pairs]       path, split, prompt/chosen/rejected columns, max_tokens, select, k, seed
+    [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo")
+    [attribution] method, positions, baseline, ig_steps, batch_tokens, confirm_top
+    [run]         out, shard_pairs
+
+:func:`load_config` reads the file, applies flag overrides, and checks every value (type, range,
+choices, that paths exist) so that a bad config fails in one line naming the key, the value and
+what is allowed, before any model is loaded. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its section, name, type, default (None: required) and allowed values."""
+
+    section: str
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+    minimum: int | None = None
+    flag: str | None = None  # the flag's name when it is not --<name>
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def option(self) -> str:
+        return "--" + (self.flag or self.name.replace("_", "-"))
+
+
+REQUIRED = object()
+KEYS = (
+    Key("model", "path", str, DEMO, 'a Hugging Face reward-model folder, or "demo" for the embedded demo PM', flag="model"),
+    Key("model", "device", str, "cpu", "where the model runs (cpu, cuda, cuda:1, mps)"),
+    Key("model", "dtype", str, "float32", "weights' dtype", choices=("float32", "bfloat16", "float16")),
+    Key("model", "text_format", str, "auto", "how a pair becomes text", choices=("auto", "chat_template", "hh", "raw")),
+    Key("pairs", "path", str, REQUIRED, "JSONL/JSON/CSV file or a saved dataset folder", flag="pairs"),
+    Key("pairs", "split", str, "train", "the split of a saved DatasetDict"),
+    Key("pairs", "prompt_column", str, "prompt", "column holding the prompt (absent: HH transcripts)"),
+    Key("pairs", "chosen_column", str, "chosen", "column holding the chosen completion"),
+    Key("pairs", "rejected_column", str, "rejected", "column holding the rejected completion"),
+    Key("pairs", "max_tokens", int, 512, "pairs with a side longer than this are left out", minimum=1),
+    Key("pairs", "select", str, "top_margin", "which pairs to study",
+        choices=("top_margin", "random", "all")),
+    Key("pairs", "k", int, 100, "how many pairs to keep (top_margin, random)", minimum=1),
+    Key("pairs", "seed", int, 0, "seed of select=random"),
+    Key("saes", "sources", list, REQUIRED, 'SAE folders or checkpoints (comma-separated as a flag), or ["demo"]',
+        flag="saes"),
+    Key("attribution", "method", str, "atp", "attribution method", choices=("atp", "ig")),
+    Key("attribution", "positions", str, "all", "positions attributed", choices=("all", "completion", "diverge")),
+    Key("attribution", "baseline", str, "zero", "value a removed feature takes (the mean baseline, "
+        "which needs a pass over every pair before the shards, is not in pm-lens run yet)", choices=("zero",)),
+    Key("attribution", "ig_steps", int, 8, "integrated-gradient steps (method=ig)", minimum=1),
+    Key("attribution", "batch_tokens", int, 4096, "tokens per forward", minimum=1),
+    Key("attribution", "confirm_top", int, 10, "features confirmed by exact ablation per direction", minimum=1),
+    Key("run", "out", str, REQUIRED, "folder for the outputs (a finished or interrupted run there is resumed)",
+        flag="out"),
+    Key("run", "shard_pairs", int, 64, "pairs per shard (the unit of resumption)", minimum=1),
+)
+BY_DOTTED = {key.dotted: key for key in KEYS}
+SECTIONS = tuple(dict.fromkeys(key.section for key in KEYS))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A checked config: ``values[section][name]``, every key present."""
+
+    values: dict[str, dict[str, Any]]
+
+    def __getitem__(self, dotted: str) -> Any:
+        section, name = dotted.split(".")
+        return self.values[section][name]
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {section: dict(keys) for section, keys in self.values.items()}
+
+    def digest(self) -> str:
+        """A hash of everything that changes the results (not where they are written)."""
+        values = self.as_dict()
+        values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read the TOML file at ``path`` (None: flags only), apply ``overrides`` (dotted keys), fill
+    the defaults, and check every value; raises ValueError in one line on the first problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    where = f" in {str(path)!r}" if path is not None else ""
+    flat: dict[str, Any] = {}
+    for section, keys in raw.items():
+        if section not in SECTIONS or not isinstance(keys, dict):
+            raise ValueError(f"unknown section [{section}]{where}; sections are {', '.join(SECTIONS)}")
+        for name, value in keys.items():
+            dotted = f"{section}.{name}"
+            if dotted not in BY_DOTTED:
+                allowed = ", ".join(k.name for k in KEYS if k.section == section)
+                raise ValueError(f"unknown key {dotted!r}{where}; [{section}] takes {allowed}")
+            flat[dotted] = value
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for key in KEYS:
+        if key.dotted not in flat and key.default is REQUIRED:
+            raise ValueError(f"missing key {key.dotted!r}: {key.help} (in the config or as {key.option})")
+        values[key.section][key.name] = _checked(key, flat.get(key.dotted, key.default))
+    config = RunConfig(values)
+    _check_paths(config)
+    return config
+
+
+def _checked(key: Key, value: Any) -> Any:
+    if key.kind is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{key.dotted} must be a non-empty list of paths, got {value!r}")
+        return value
+    if key.kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key.dotted} must be an integer, got {value!r}")
+        if key.minimum is not None and value < key.minimum:
+            raise ValueError(f"{key.dotted} must be >= {key.minimum}, got {value}")
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key.dotted} must be a non-empty string, got {value!r}")
+    if key.choices and value not in key.choices:
+        raise ValueError(f"{key.dotted} must be one of {', '.join(map(repr, key.choices))}; got {value!r}")
+    return value
+
+
+def _check_paths(config: RunConfig) -> None:
+    model = config["model.path"]
+    if model != DEMO and not Path(model).is_dir():
+        raise ValueError(f"model.path {model!r} is not a folder (a saved Hugging Face reward model) nor 'demo'")
+    if not Path(config["pairs.path"]).exists():
+        raise ValueError(f"pairs.path {config['pairs.path']!r} does not exist")
+    for source in config["saes.sources"]:
+        if source != DEMO and not Path(source).exists():
+            raise ValueError(f"saes.sources: {source!r} does not exist (give SAE folders or checkpoint files, or 'demo')")
+    if (config["model.path"] == DEMO) != (config["saes.sources"] == [DEMO]) and DEMO in config["saes.sources"]:
+        raise ValueError("saes.sources 'demo' are the embedded demo PM's SAEs: use them with model.path = 'demo'")

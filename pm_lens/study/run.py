@@ -1,0 +1,330 @@
+"""``pm-lens run``: the study on your own reward model, from one config, in resumable shards.
+
+What a run does (:func:`run_study`), writing each output as soon as it is ready:
+
+1. read the pairs (column mapping, before any model is loaded) and check the config against them;
+2. load the PM and the SAEs; keep the pairs whose both sides fit in ``pairs.max_tokens`` tokens,
+   then select ``pairs.k`` of them: the largest |r(chosen) - r(rejected)| (one clean forward of
+   each kept pair, as the study did), a seeded random sample, or all; ``selection.csv``;
+3. attribution, shard by shard (``run.shard_pairs`` pairs): each shard's per-pair effects on both
+   sides (sparse) go to ``shards/attribution-NNNNN.safetensors``; the ranking is accumulated from
+   them, so memory is bounded by a shard, not by the number of pairs;
+4. confirmation: the top ``attribution.confirm_top`` features that raise and that lower the
+   margin are ablated exactly on every pair, shard by shard (``shards/ablation-NNNNN.safetensors``);
+5. ``features.csv`` (estimated and exact effects, signs explained in the columns' names),
+   ``top_datapoints.csv`` (per confirmed feature, the pairs where removing it changes the margin
+   most, with both sides' rewards before and after) and ``config.json`` (resolved settings,
+   versions, forward passes, timings).
+
+Every file is written atomically; each shard file carries the config's digest. Run the same
+command again after a crash or Ctrl-C and finished shards are read back, not recomputed; the
+final outputs equal an uninterrupted run's. A folder holding a run of another config is refused.
+Each pair's clean forward runs once per phase (attribution, confirmation): holding every pair's
+clean run between the phases would bound memory by the number of pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from pm_lens.data import PreferencePair
+from pm_lens.io import write_atomic
+from pm_lens.saes.node import Node
+from pm_lens.study.config import DEMO, RunConfig
+from pm_lens.study.pairs import read_pairs, select_pairs
+
+STAMP = "run.json"
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What :func:`run_study` wrote (also read back from the files)."""
+
+    features: pd.DataFrame
+    datapoints: pd.DataFrame
+    selection: pd.DataFrame
+    out: Path
+    forward_passes: dict[str, dict[str, int]]
+    timings: dict[str, float]
+
+
+def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False) -> StudyResult | None:
+    """Run (or resume) the study ``config`` describes; with ``dry_run`` print the plan and stop."""
+    out = Path(config["run.out"])
+    pairs = read_pairs(config)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    rm, saes = _load(config)
+    timings["load"] = time.perf_counter() - start
+    counted = rm.forward_count.snapshot()
+    if dry_run:
+        _print_plan(config, rm, saes, pairs)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, config)
+    with _timed(timings, "select"):
+        selection = select_pairs(rm, pairs, config, out, progress=progress)
+    chosen_pairs = [pairs[i] for i in selection.pair]
+    shards = [list(range(s, min(s + config["run.shard_pairs"], len(chosen_pairs))))
+              for s in range(0, len(chosen_pairs), config["run.shard_pairs"])]
+    (out / "shards").mkdir(exist_ok=True)
+    with _timed(timings, "attribute"):
+        for i, rows in enumerate(tqdm(shards, desc="attributing", unit="shard", disable=not progress)):
+            _attribute_shard(rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors")
+        ranking = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))], saes)
+    nodes = confirmed_nodes(ranking, config["attribution.confirm_top"])
+    with _timed(timings, "confirm"):
+        for i, rows in enumerate(tqdm(shards, desc="confirming", unit="shard", disable=not progress)):
+            _ablate_shard(rm, saes, config, [chosen_pairs[r] for r in rows], nodes,
+                          out / "shards" / f"ablation-{i:05d}.safetensors")
+        features, datapoints = merge_ablations([out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))],
+                                               ranking, nodes, selection)
+    write_atomic(out / "features.csv", features.to_csv(index=False))
+    write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
+    forward_passes = rm.forward_count.since(counted).as_dict()
+    _write_config(out, config, forward_passes, timings, rm)
+    return StudyResult(features, datapoints, selection, out, forward_passes, timings)
+
+
+def _load(config: RunConfig) -> tuple[Any, dict[str, Any]]:
+    from pm_lens.model import RewardModel
+    from pm_lens.saes import load_sae
+
+    device, dtype = config["model.device"], config["model.dtype"]
+    if config["model.path"] == DEMO:
+        from pm_lens.demo_pm import demo_reward_model, demo_saes
+
+        rm = demo_reward_model(device=device, dtype=getattr(torch, dtype))
+        loaded = demo_saes(device=device) if config["saes.sources"] == [DEMO] else None
+    else:
+        rm = RewardModel.from_pretrained(config["model.path"], device=device, dtype=dtype)
+        loaded = None
+    rm.text_format = config["model.text_format"]
+    if loaded is None:
+        loaded = [load_sae(source, device=device) for source in config["saes.sources"]]
+    from pm_lens.attribution.nodes import resolve_saes
+
+    return rm, resolve_saes(rm, loaded)
+
+
+def _claim(out: Path, config: RunConfig) -> None:
+    """Mark ``out`` as this config's run, or refuse it when it holds another config's."""
+    stamp = out / STAMP
+    if stamp.exists():
+        held = json.loads(stamp.read_text()).get("digest")
+        if held != config.digest():
+            raise ValueError(f"{str(out)!r} holds a run of another config (digest {held}, this one {config.digest()}): "
+                             "use another run.out, or delete the folder to start over")
+        return
+    write_atomic(stamp, json.dumps({"digest": config.digest(), "config": config.as_dict()}, indent=2))
+
+
+def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], path: Path) -> None:
+    if _finished(path, config):
+        return
+    from pm_lens.attribution import attribute
+
+    result = attribute(rm, pairs, saes=saes, method=config["attribution.method"], baseline=config["attribution.baseline"],
+                       positions=config["attribution.positions"], ig_steps=config["attribution.ig_steps"],
+                       batch_tokens=config["attribution.batch_tokens"], clean_budget_bytes=0, progress=False)
+    tensors = {"chosen_rewards": result.chosen.rewards.float(), "rejected_rewards": result.rejected.rewards.float()}
+    for hook in saes:
+        for side in ("chosen", "rejected"):
+            effects = getattr(result, side).features[hook].float().coalesce()
+            tensors[f"{side}.{hook}.indices"] = effects.indices().contiguous()
+            tensors[f"{side}.{hook}.values"] = effects.values().contiguous()
+            tensors[f"{side}.{hook}.error"] = getattr(result, side).errors[hook].float().contiguous()
+    _save(path, tensors, config, n_pairs=len(pairs))
+
+
+def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], nodes: list[Node],
+                  path: Path) -> None:
+    if _finished(path, config, nodes=nodes):
+        return
+    from pm_lens.attribution import ablate
+
+    result = ablate(rm, pairs, features=nodes, saes=saes, baseline=config["attribution.baseline"],
+                    positions=config["attribution.positions"], batch_tokens=config["attribution.batch_tokens"],
+                    progress=False)
+    tensors = {"chosen": result.chosen.float().contiguous(), "rejected": result.rejected.float().contiguous(),
+               "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float()}
+    _save(path, tensors, config, n_pairs=len(pairs), nodes=nodes)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], config: RunConfig, **meta: Any) -> None:
+    metadata = {"digest": config.digest(), **{k: json.dumps([str(n) for n in v] if k == "nodes" else v) for k, v in meta.items()}}
+    write_atomic(path, save({k: t.cpu() for k, t in tensors.items()}, metadata=metadata))
+
+
+def _finished(path: Path, config: RunConfig, *, nodes: list[Node] | None = None) -> bool:
+    """Whether ``path`` holds this shard of this config (with these nodes)."""
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("digest") != config.digest():
+        raise ValueError(f"{str(path)!r} was written by another config (digest {metadata.get('digest')}): "
+                         "use another run.out, or delete the folder to start over")
+    return nodes is None or json.loads(metadata.get("nodes", "[]")) == [str(n) for n in nodes]
+
+
+def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> pd.DataFrame:
+    """The ranking of every feature over all shards: ``effect`` is the mean estimated change of
+    the margin when the feature is removed (negative: the feature raises the margin)."""
+    sums = {hook: _Sums(sae.cfg.d_sae) for hook, sae in saes.items()}
+    n_pairs = 0
+    for path in paths:
+        shard = load_file(str(path))
+        n = shard["chosen_rewards"].shape[0]
+        n_pairs += n
+        for hook, acc in sums.items():
+            chosen, rejected = (_dense(shard, f"{side}.{hook}", (n, acc.width)) for side in ("chosen", "rejected"))
+            acc.add(chosen - rejected)
+    rows = []
+    for hook, acc in sums.items():
+        table = acc.table(n_pairs)
+        table.insert(0, "hook_name", hook)
+        rows.append(table)
+    ranking = pd.concat(rows, ignore_index=True)
+    ranking.insert(0, "node", [str(Node(h, int(f))) for h, f in zip(ranking.hook_name, ranking.feature)])
+    ranking = ranking[ranking.n_pairs_active > 0]
+    return ranking.reindex(ranking.estimated_margin_effect.abs().sort_values(ascending=False, kind="stable").index) \
+        .reset_index(drop=True)
+
+
+def _dense(shard: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A shard's sparse effects (indices and values) as a dense ``shape`` tensor."""
+    dense = torch.zeros(shape)
+    indices = shard[f"{name}.indices"]
+    dense.index_put_((indices[0], indices[1]), shard[f"{name}.values"], accumulate=True)
+    return dense
+
+
+class _Sums:
+    """Running sums of one hook's per-pair margin effects (memory: a few ``[d_sae]`` vectors)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.total, self.absolute = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+        self.active, self.positive, self.negative = (torch.zeros(width, dtype=torch.long) for _ in range(3))
+
+    def add(self, effects: torch.Tensor) -> None:
+        self.total += effects.double().sum(0)
+        self.absolute += effects.double().abs().sum(0)
+        self.active += (effects != 0).sum(0)
+        self.positive += (effects > 0).sum(0)
+        self.negative += (effects < 0).sum(0)
+
+    def table(self, n_pairs: int) -> pd.DataFrame:
+        mean = (self.total / n_pairs).float()
+        agree = torch.where(mean > 0, self.positive, self.negative).double() / self.active.clamp(min=1)
+        return pd.DataFrame({"feature": np.arange(self.width), "estimated_margin_effect": mean.numpy(),
+                             "mean_abs_effect": (self.absolute / n_pairs).float().numpy(),
+                             "sign_agreement": agree.float().numpy(), "n_pairs_active": self.active.numpy()})
+
+
+def confirmed_nodes(ranking: pd.DataFrame, top: int) -> list[Node]:
+    """The ``top`` features that raise the margin most (most negative removal effect) and the
+    ``top`` that lower it most, in that order."""
+    raising = ranking[ranking.estimated_margin_effect < 0].head(top)
+    lowering = ranking[ranking.estimated_margin_effect > 0].head(top)
+    return [Node.parse(name) for name in [*raising.node, *lowering.node]]
+
+
+def merge_ablations(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], selection: pd.DataFrame,
+                    *, per_feature: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``features.csv`` (one row per confirmed feature) and ``top_datapoints.csv`` from the shards."""
+    shards = [load_file(str(path)) for path in paths]
+    chosen = torch.cat([s["chosen"] for s in shards])
+    rejected = torch.cat([s["rejected"] for s in shards])
+    clean_chosen = torch.cat([s["clean_chosen"] for s in shards])
+    clean_rejected = torch.cat([s["clean_rejected"] for s in shards])
+    margin = chosen - rejected
+    estimated = ranking.set_index("node")
+    rows, points = [], []
+    for column, node in enumerate(nodes):
+        est = estimated.loc[str(node)]
+        rows.append(dict(
+            rank=column + 1, node=str(node), hook_name=node.hook_name, feature=node.feature,
+            role="raises the margin" if est.estimated_margin_effect < 0 else "lowers the margin",
+            estimated_margin_effect=float(est.estimated_margin_effect),
+            exact_margin_effect=float(margin[:, column].mean()), exact_chosen_effect=float(chosen[:, column].mean()),
+            exact_rejected_effect=float(rejected[:, column].mean()), sign_agreement=float(est.sign_agreement),
+            n_pairs_active=int(est.n_pairs_active)))
+        for row in margin[:, column].abs().argsort(descending=True)[:per_feature].tolist():
+            before = float(clean_chosen[row] - clean_rejected[row])
+            after = before + float(margin[row, column])
+            points.append(dict(
+                node=str(node), pair=int(selection.pair.iloc[row]), margin_effect=float(margin[row, column]),
+                chosen_before=float(clean_chosen[row]), chosen_after=float(clean_chosen[row] + chosen[row, column]),
+                rejected_before=float(clean_rejected[row]),
+                rejected_after=float(clean_rejected[row] + rejected[row, column]),
+                preference_flips=bool((before > 0) != (after > 0))))
+    features = pd.DataFrame(rows)
+    features["feature"] = features["feature"].astype("Int64")
+    return features, pd.DataFrame(points)
+
+
+def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any) -> None:
+    from importlib.metadata import version
+
+
+    write_atomic(out / "config.json", json.dumps({
+        "config": config.as_dict(), "digest": config.digest(), "dtype": str(rm.cfg.dtype).replace("torch.", ""),
+        "forward_passes": forward_passes, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "versions": {**{name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
+                     "python": platform.python_version()},
+    }, indent=2))
+
+
+def _print_plan(config: RunConfig, rm: Any, saes: dict[str, Any], pairs: list[PreferencePair]) -> None:
+    from pm_lens.study.pairs import pair_lengths
+
+    lengths = pair_lengths(rm, pairs)
+    kept = int((lengths <= config["pairs.max_tokens"]).sum())
+    k = kept if config["pairs.select"] == "all" else min(config["pairs.k"], kept)
+    tokens = int(np.sort(lengths[lengths <= config["pairs.max_tokens"]])[:k].sum() * 2) if k else 0
+    shards = -(-k // config["run.shard_pairs"]) if k else 0
+    print(f"pairs: {len(pairs)} read, {kept} within {config['pairs.max_tokens']} tokens, {k} selected "
+          f"({config['pairs.select']}); about {tokens} tokens over both sides; {shards} shard(s)")
+    for hook, sae in saes.items():
+        print(f"SAE at {hook}: {sae.cfg.d_sae} features")
+    selection = kept if config["pairs.select"] == "top_margin" else 0
+    print(f"forward passes (sequences): selection {2 * selection}, attribution {2 * k} forward+backward, "
+          f"confirmation {2 * k} clean + up to {2 * k * 2 * config['attribution.confirm_top']} ablations")
+
+
+class _timed:
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+def print_summary(result: StudyResult) -> None:
+    """The confirmed features, and where the outputs are."""
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        shown = result.features[["rank", "node", "role", "estimated_margin_effect", "exact_margin_effect",
+                                 "exact_chosen_effect", "exact_rejected_effect", "n_pairs_active"]]
+        print("Confirmed features (effects are the change when the feature is removed: negative = the feature "
+              "raises the margin r(chosen) - r(rejected)):")
+        print(shown.to_string(index=False))
+    passes = ", ".join(f"{k} {v['passes']} ({v['sequences']} sequences)" for k, v in result.forward_passes.items())
+    print(f"\n{len(result.selection)} pairs; forward passes: {passes}")
+    print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, config.json")

@@ -1,0 +1,164 @@
+"""pm-lens run end to end on a model folder saved to disk, HH-layout JSONL and an SAELens SAE
+folder: outputs checked against independent computations, resumption after a failure, refusals."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from pm_lens import Node, RewardModel, ablate, score_pairs
+from pm_lens.cli import main
+from pm_lens.data import encode_pairs, load_pairs
+from pm_lens.data.encoding import _encode_one
+from pm_lens.testing import sparse_sae_for, tiny_hf_reward_model
+
+HOOK = "blocks.1.hook_resid_post"
+PROMPTS = ["What is 2+2?", "Capital of France?", "Name a colour.", "How do I boil an egg?", "Say hi.", "Best pet?"]
+GOOD = ["4, you're welcome!", "Paris. My pleasure.", "Red, thanks!", "Simmer it for nine minutes.", "Hi there!", "A cat."]
+BAD = ["I don't know.", "London, see http://x.com", "Go away, you idiot.", "I don't know. I don't know.", "No.",
+       "See http://pets.example.com " * 6]
+
+
+@pytest.fixture
+def study(tmp_path, tokenizer):
+    """A reward-model folder, 12 HH pairs (two too long for max_tokens) and an SAE folder."""
+    model_dir = tmp_path / "pm"
+    tiny_hf_reward_model(num_hidden_layers=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rm = RewardModel.from_pretrained(model_dir)
+    records = []
+    for i in range(12):
+        prompt, good, bad = PROMPTS[i % 6], GOOD[i % 6], BAD[(i + i // 6) % 6]
+        records.append({"chosen": f"\n\nHuman: {prompt}\n\nAssistant: {good}",
+                        "rejected": f"\n\nHuman: {prompt}\n\nAssistant: {bad}", "id": i})
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = load_pairs(pairs_path)
+    batch = encode_pairs(rm.tokenizer, pairs, max_len=256)
+    sae = sparse_sae_for(rm, HOOK, batch.chosen.tokens, d_sae=64, fire_rate=0.2)
+    sae_dir = tmp_path / "sae"
+    sae.save_model(str(sae_dir))
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+[model]
+path = "{model_dir}"
+[pairs]
+path = "{pairs_path}"
+max_tokens = 100
+k = 6
+[saes]
+sources = ["{sae_dir}"]
+[attribution]
+confirm_top = 3
+[run]
+out = "{tmp_path / 'out'}"
+shard_pairs = 4
+""")
+    return dict(config=config, model_dir=model_dir, pairs=pairs, sae_dir=sae_dir, out=tmp_path / "out", tmp=tmp_path)
+
+
+def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(study):
+    assert main(["run", str(study["config"]), "--quiet"]) == 0
+    out = study["out"]
+    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp"))
+    rm = RewardModel.from_pretrained(study["model_dir"])
+    pairs = study["pairs"]
+    # Selection: exactly the top 6 by |margin| among the pairs whose sides fit in 60 tokens.
+    lengths = [max(len(_encode_one(rm.tokenizer, p.prompt, t, rm.text_format)[0]) for t in (p.chosen, p.rejected))
+               for p in pairs]
+    kept = [i for i, n in enumerate(lengths) if n <= 100]
+    assert 6 < len(kept) < len(pairs)  # the long pairs were left out, and the selection is a real choice
+    margins = score_pairs(rm, [pairs[i] for i in kept], progress=False).margin.abs().to_numpy()
+    expected = sorted(kept[j] for j in sorted(range(len(kept)), key=lambda j: -margins[j])[:6])
+    selection = pd.read_csv(out / "selection.csv")
+    assert selection.pair.tolist() == expected
+    # The top confirmed feature's exact effect equals an ablation recomputed here.
+    features = pd.read_csv(out / "features.csv")
+    top = features.iloc[0]
+    from pm_lens.saes import load_sae
+
+    sae = load_sae(study["sae_dir"])
+    again = ablate(rm, [pairs[i] for i in expected], saes=[sae], features=[Node(top.hook_name, int(top.feature))],
+                   progress=False)
+    assert abs(float(again.margin.mean()) - top.exact_margin_effect) < 1e-5
+    assert top.role == ("raises the margin" if top.estimated_margin_effect < 0 else "lowers the margin")
+    # Before -> after on both sides of a datapoint, recomputed with the plain model.
+    point = pd.read_csv(out / "top_datapoints.csv").iloc[0]
+    pair = pairs[int(point.pair)]
+    clean = score_pairs(rm, [pair], progress=False).iloc[0]
+    assert abs(point.chosen_before - clean.chosen_reward) < 1e-4 and abs(point.rejected_before - clean.rejected_reward) < 1e-4
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["forward_passes"]["clean"]["sequences"] == 2 * 2 * 6  # each phase runs each side once
+    assert recorded["config"]["pairs"]["k"] == 6 and recorded["dtype"] == "float32"
+
+
+def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, capsys):
+    import pm_lens.study.run as run_module
+
+    assert main(["run", str(study["config"]), "--quiet", "--out", str(study["tmp"] / "whole")]) == 0
+    calls = {"n": 0}
+    original = run_module._ablate_shard
+
+    def fail_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("injected failure after the first confirmation shard")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_ablate_shard", fail_on_second)
+    assert main(["run", str(study["config"]), "--quiet"]) == 1
+    out = study["out"]
+    assert (out / "shards" / "ablation-00000.safetensors").exists()
+    assert not (out / "features.csv").exists() and not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(run_module, "_ablate_shard", original)
+    written = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert main(["run", str(study["config"]), "--quiet"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())  # finished shards were not redone
+    for name in ("features.csv", "top_datapoints.csv", "selection.csv"):
+        assert (out / name).read_text() == (study["tmp"] / "whole" / name).read_text(), name
+    # A changed config refuses to resume onto the old shards, in one line.
+    assert main(["run", str(study["config"]), "--quiet", "--k", "5"]) == 1
+    assert "holds a run of another config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, flags, message", [
+    ("", ["--k", "ten"], "pairs.k must be an integer, got 'ten'"),
+    ("", ["--k", "0"], "pairs.k must be >= 1, got 0"),
+    ("", ["--k", "50"], "pairs.k = 50 but"),
+    ("kk = 3", [], "unknown key 'pairs.kk'"),
+    ("[nonsense]\nx = 1\n", [], "unknown section [nonsense]"),
+    ("", ["--dtype", "float8"], "model.dtype must be one of 'float32', 'bfloat16', 'float16'; got 'float8'"),
+    ("", ["--model", "/no/such/folder"], "model.path '/no/such/folder' is not a folder"),
+    ("", ["--pairs", "/no/such.jsonl"], "pairs.path '/no/such.jsonl' does not exist"),
+    ("", ["--saes", "/no/sae"], "saes.sources: '/no/sae' does not exist"),
+    ("", ["--chosen-column", "answer"], "has no column chosen: 'answer'"),
+    ("", ["--baseline", "mean"], "attribution.baseline must be one of 'zero'"),
+])
+def test_bad_configs_fail_in_one_line_before_any_model_loads(study, capsys, monkeypatch, edit, flags, message):
+    import pm_lens.study.run as run_module
+
+    monkeypatch.setattr(run_module, "_load", lambda config: pytest.fail("the model was loaded"))
+    config = study["config"]
+    if edit.startswith("["):
+        config.write_text(config.read_text() + edit)
+    elif edit:
+        config.write_text(config.read_text().replace("k = 6", f"k = 6\n{edit}"))
+    code = main(["run", str(config), "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_required_key_names_its_flag(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("[model]\npath = 'demo'\n")
+    assert main(["run", str(tmp_path / "c.toml")]) == 2
+    assert "missing key 'pairs.path'" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(study, capsys):
+    assert main(["run", str(study["config"]), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "12 read, 10 within 100 tokens, 6 selected (top_margin)" in out
+    assert f"SAE at {HOOK}: 64 features" in out and "2 shard(s)" in out
+    assert not study["out"].exists()
