@@ -27,7 +27,7 @@ Converting (``from_hf``):
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
     hf_architecture: str
     pad_token_id: int | None
     text_format: str = "auto"
+    objective: int | list[float] | None = None  # the output (or weights) of a multi-output head (from_hf)
 
     @classmethod
     def from_hf(
@@ -102,6 +103,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         fold_ln: bool = True,
         center_writing_weights: bool = True,
         fold_value_biases: bool = True,
+        objective: int | Sequence[float] | None = None,
     ) -> "RewardModel":
         """Convert an in-memory HF ``*ForSequenceClassification`` reward model. No hub access.
 
@@ -118,17 +120,17 @@ class RewardModel(ModelRuns, HookedSAETransformer):
                 ``DEFAULT_MAX_N_CTX`` because TransformerLens allocates ``[n_ctx, n_ctx]``
                 masks per layer.
             fold_ln, center_writing_weights, fold_value_biases: weight processing (exact).
+            objective: for a head with several outputs (``num_labels > 1``: multi-objective
+                PMs), the reward: an output's index, or one weight per output for their weighted
+                sum. It is folded into a one-column head (``W_U @ w``, exact), so everything
+                downstream sees one reward. ``rm.objective`` records it.
         """
         device = None if device is None else as_device(device)
         dtype = None if dtype is None else as_dtype(dtype)
         hf_config = hf_model.config
         architecture = type(hf_model).__name__
         spec = spec_for(architecture)
-        if hf_model.score.out_features != 1:
-            raise ValueError(
-                f"a reward model has one output, but {architecture}'s score head has "
-                f"num_labels={hf_model.score.out_features}"
-            )
+        weights = objective_weights(objective, hf_model.score.out_features, architecture)
         param = next(hf_model.parameters())
         fields = spec.tl_config(hf_config)
         fields["n_ctx"] = n_ctx or min(fields["n_ctx"], DEFAULT_MAX_N_CTX)
@@ -141,7 +143,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
             default_prepend_bos=False,
         )
         model = cls(cfg, move_to_device=True)
-        state_dict = _reward_state_dict(hf_model, spec, cfg)
+        state_dict = _reward_state_dict(hf_model, spec, cfg, weights)
         processing = WeightProcessing(
             fold_ln=fold_ln and spec.processing["fold_ln"],
             center_writing_weights=center_writing_weights and spec.processing["center_writing_weights"],
@@ -152,6 +154,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         model.use_fast_attention = True  # fast attention: SDPA where exact (pm_lens.model.attention)
         model.processing = processing
         model.hf_architecture = architecture
+        model.objective = None if weights is None else (objective if isinstance(objective, int) else list(map(float, objective)))
         model.pad_token_id = hf_config.pad_token_id
         if tokenizer is not None:
             model.set_reward_tokenizer(tokenizer)
@@ -195,6 +198,8 @@ class RewardModel(ModelRuns, HookedSAETransformer):
                 "and a hub name needs network or the local Hugging Face cache"
             ) from err
         spec_for(_classifier_name(config))
+        if from_hf_kwargs.get("objective") is not None:  # checked before the weights are read
+            objective_weights(from_hf_kwargs["objective"], getattr(config, "num_labels", 1), path)
         hf_model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, local_files_only=local_files_only, dtype=dtype or torch.float32,
             output_loading_info=True,
@@ -401,15 +406,44 @@ def _store_as_forward_reads(model: HookedSAETransformer) -> None:
                     param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransformerConfig) -> dict[str, Tensor]:
-    """TransformerLens state dict of the body, with the ``score`` head as the unembedding."""
+def objective_weights(objective: Any, n_outputs: int, architecture: str = "the model") -> Tensor | None:
+    """``[n_outputs]`` weights that make one reward of a head with ``n_outputs`` outputs (None for
+    a one-output head without an objective); a ValueError for an objective that does not fit."""
+    if objective is None:
+        if n_outputs == 1:
+            return None
+        raise ValueError(f"{architecture}'s score head has num_labels={n_outputs} outputs; choose the reward with "
+                         f"objective= (an output index in 0..{n_outputs - 1}, or {n_outputs} weights for a weighted sum)")
+    if isinstance(objective, bool) or not isinstance(objective, (int, Sequence)) or isinstance(objective, str):
+        raise ValueError(f"objective must be an output index or a list of {n_outputs} weights, got {objective!r}")
+    if isinstance(objective, int):
+        if not 0 <= objective < n_outputs:
+            raise ValueError(f"objective {objective} is not an output of the score head: valid are 0..{n_outputs - 1}")
+        return torch.nn.functional.one_hot(torch.tensor(objective), n_outputs).double()
+    weights = list(objective)
+    if len(weights) != n_outputs or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise ValueError(f"objective must hold {n_outputs} numbers (one per output), got {objective!r}")
+    weights = torch.tensor(weights, dtype=torch.float64)
+    if not torch.isfinite(weights).all():
+        raise ValueError(f"objective weights must be finite, got {objective!r}")
+    return weights
+
+
+def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransformerConfig,
+                       weights: Tensor | None = None) -> dict[str, Tensor]:
+    """TransformerLens state dict of the body, with the ``score`` head as the unembedding (folded
+    to one column by ``weights`` when the head has several outputs)."""
     with torch.no_grad():
         state_dict = spec.convert(causal_lm_view(hf_model, spec), cfg)
         score = getattr(hf_model, HEAD_ATTR)
-        state_dict["unembed.W_U"] = score.weight.T.clone()
-        state_dict["unembed.b_U"] = (
-            score.bias.clone() if score.bias is not None else torch.zeros(1, dtype=score.weight.dtype, device=score.weight.device)
-        )
+        W_U = score.weight.T.clone()
+        b_U = score.bias.clone() if score.bias is not None else torch.zeros(score.out_features, dtype=score.weight.dtype,
+                                                                             device=score.weight.device)
+        if weights is not None:
+            w = weights.to(W_U.device)
+            W_U = (W_U.double() @ w[:, None]).to(score.weight.dtype)
+            b_U = (b_U.double() @ w).reshape(1).to(score.weight.dtype)
+        state_dict["unembed.W_U"], state_dict["unembed.b_U"] = W_U, b_U
     bad = [name for name, w in state_dict.items() if w.is_floating_point() and not torch.isfinite(w).all()]
     if bad:
         raise ValueError(f"the reward model has NaN or infinite weights in {_some(bad)}")

@@ -3,7 +3,7 @@
 A config has five sections; every key has a default except the three a run cannot guess
 (``pairs.path``, ``saes.sources``, ``run.out``)::
 
-    [model]       path ("demo" or a Hugging Face reward-model folder), device, dtype, text_format
+    [model]       path ("demo" or a Hugging Face reward-model folder), device, dtype, text_format, objective
     [pairs]       path, split, prompt/chosen/rejected columns, max_tokens, select, k, seed
     [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo")
     [attribution] method, positions, baseline, ig_steps, batch_tokens, confirm_top
@@ -54,6 +54,8 @@ KEYS = (
     Key("model", "device", str, "cpu", "where the model runs (cpu, cuda, cuda:1, mps)"),
     Key("model", "dtype", str, "float32", "weights' dtype", choices=("float32", "bfloat16", "float16")),
     Key("model", "text_format", str, "auto", "how a pair becomes text", choices=("auto", "chat_template", "hh", "raw")),
+    Key("model", "objective", object, None, "for a head with several outputs: the output index, or one weight per "
+        "output (comma-separated as a flag)"),
     Key("pairs", "path", str, REQUIRED, "JSONL/JSON/CSV file or a saved dataset folder", flag="pairs"),
     Key("pairs", "split", str, "train", "the split of a saved DatasetDict"),
     Key("pairs", "prompt_column", str, "prompt", "column holding the prompt (absent: HH transcripts)"),
@@ -136,6 +138,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
 
 def _checked(key: Key, value: Any) -> Any:
+    if key.kind is object:
+        return _objective(key, value)
     if key.kind is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -158,6 +162,21 @@ def _checked(key: Key, value: Any) -> Any:
     if key.choices and value not in key.choices:
         raise ValueError(f"{key.dotted} must be one of {', '.join(map(repr, key.choices))}; got {value!r}")
     return value
+
+
+def _objective(key: Key, value: Any) -> int | list[float] | None:
+    """An output index or a list of weights (a flag's "2" or "0.5,0.5" read as such)."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        try:
+            value = int(parts[0]) if len(parts) == 1 else [float(part) for part in parts]
+        except ValueError:
+            raise ValueError(f"{key.dotted} must be an output index or a list of weights, got {value!r}") from None
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+        isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    if not ok:
+        raise ValueError(f"{key.dotted} must be an output index (>= 0) or a list of weights, got {value!r}")
+    return [float(v) for v in value] if isinstance(value, list) else value
 
 
 def _check_paths(config: RunConfig) -> None:

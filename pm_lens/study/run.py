@@ -109,7 +109,7 @@ def _load(config: RunConfig) -> tuple[Any, dict[str, Any]]:
         rm = demo_reward_model(device=device, dtype=getattr(torch, dtype))
         loaded = demo_saes(device=device) if config["saes.sources"] == [DEMO] else None
     else:
-        rm = RewardModel.from_pretrained(config["model.path"], device=device, dtype=dtype)
+        rm = RewardModel.from_pretrained(config["model.path"], device=device, dtype=dtype, objective=config["model.objective"])
         loaded = None
     rm.text_format = config["model.text_format"]
     if loaded is None:
@@ -283,6 +283,7 @@ def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: d
 
     write_atomic(out / "config.json", json.dumps({
         "config": config.as_dict(), "digest": config.digest(), "dtype": str(rm.cfg.dtype).replace("torch.", ""),
+        "objective": rm.objective,
         "forward_passes": forward_passes, "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": {**{name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
                      "python": platform.python_version()},

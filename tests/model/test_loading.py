@@ -118,3 +118,35 @@ def test_loading_one_key_at_a_time_sets_what_a_whole_load_sets(tokenizer):
     torch.nn.Module.load_state_dict(whole, state, strict=False)
     for key, value in whole.state_dict().items():
         assert torch.equal(one_by_one.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("objective", [1, [0.5, -1.0, 2.0]])
+def test_a_multi_output_head_gives_the_reward_its_objective_names(tmp_path, tokenizer, objective):
+    """num_labels=3 (a multi-objective PM): the reward is one output, or a weighted sum, folded
+    into a one-column head; equal to the HF outputs combined by hand, from memory and from disk."""
+    hf_model = tiny_hf_reward_model(num_labels=3)
+    if isinstance(objective, int):
+        weights = torch.nn.functional.one_hot(torch.tensor(objective), 3).float()
+    else:
+        weights = torch.tensor(objective)
+    with torch.no_grad():
+        expected = torch.stack([hf_model(torch.tensor([tokenizer(t)["input_ids"]])).logits[0] @ weights for t in TEXTS])
+    hf_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    for rm in (RewardModel.from_hf(hf_model, tokenizer, objective=objective),
+               RewardModel.from_pretrained(tmp_path, objective=objective)):
+        got = torch.stack([rm.reward(torch.tensor([tokenizer(t)["input_ids"]]))[0] for t in TEXTS])
+        assert (got - expected).abs().max() <= 1e-4
+        assert rm.W_U.shape[-1] == 1 and rm.objective == objective
+
+
+@pytest.mark.parametrize("objective, message", [
+    (None, r"num_labels=3 outputs; choose the reward with objective="),
+    (3, r"objective 3 is not an output of the score head: valid are 0..2"),
+    ([1.0, 2.0], r"objective must hold 3 numbers"),
+    ("first", r"objective must be an output index or a list of 3 weights, got 'first'"),
+])
+def test_a_multi_output_head_without_a_fitting_objective_is_refused(tmp_path, tokenizer, objective, message):
+    tiny_hf_reward_model(num_labels=3).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        RewardModel.from_pretrained(tmp_path, objective=objective)

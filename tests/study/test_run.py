@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from pm_lens import Node, RewardModel, ablate, score_pairs
 from pm_lens.cli import main
@@ -162,3 +163,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(study, capsys):
     assert "12 read, 10 within 100 tokens, 6 selected (top_margin)" in out
     assert f"SAE at {HOOK}: 64 features" in out and "2 shard(s)" in out
     assert not study["out"].exists()
+
+
+def test_a_multi_objective_pm_runs_on_the_objective_the_config_names(study, tokenizer):
+    """A 3-output head: --objective "0.5,-1,2" makes the reward that weighted sum of the outputs;
+    the selection's rewards equal the HF outputs combined by hand."""
+    hf_model = tiny_hf_reward_model(num_hidden_layers=3, num_labels=3)
+    hf_model.save_pretrained(study["model_dir"])
+    assert main(["run", str(study["config"]), "--quiet", "--objective", "0.5,-1,2", "--confirm-top", "1"]) == 0
+    selection = pd.read_csv(study["out"] / "selection.csv")
+    rm = RewardModel.from_pretrained(study["model_dir"], objective=[0.5, -1.0, 2.0])
+    batch = encode_pairs(rm.tokenizer, [study["pairs"][i] for i in selection.pair], max_len=256, text_format=rm.text_format)
+    with torch.no_grad():
+        logits = hf_model(batch.chosen.tokens, attention_mask=batch.chosen.attention_mask).logits
+    assert torch.allclose(torch.tensor(selection.chosen_reward.to_numpy()).float(), logits @ torch.tensor([0.5, -1.0, 2.0]),
+                          atol=1e-4)
+    assert json.loads((study["out"] / "config.json").read_text())["objective"] == [0.5, -1.0, 2.0]
