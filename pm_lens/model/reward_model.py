@@ -37,6 +37,7 @@ from jaxtyping import Float, Int
 from sae_lens import HookedSAETransformer
 from torch import Tensor
 from transformer_lens import HookedTransformerConfig
+from transformer_lens.components import Unembed
 
 from pm_lens.model.architectures import (
     ARCHITECTURES,
@@ -151,6 +152,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         )
         model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **processing.as_dict())
         _store_as_forward_reads(model)
+        model.unembed.__class__ = Float32Head
         model.use_fast_attention = True  # fast attention: SDPA where exact (pm_lens.model.attention)
         model.processing = processing
         model.hf_architecture = architecture
@@ -378,6 +380,16 @@ def _check_all_weights_loaded(path: str, config: Any, loading_info: Mapping[str,
 
 def _some(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+class Float32Head(Unembed):
+    """The reward head, computed in float32 whatever the model's dtype: in bfloat16 a reward of
+    ~10 is rounded to steps of 0.06, more than many features' effects. Its input, weights and
+    output are float32 (the weights keep the model's dtype in memory: ``[d_model, 1]``)."""
+
+    def forward(self, residual: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab_out"]:
+        residual = self.hook_in(residual)
+        return self.hook_out(torch.nn.functional.linear(residual.float(), self.W_U.T.float(), self.b_U.float()))
 
 
 def _store_as_forward_reads(model: HookedSAETransformer) -> None:
