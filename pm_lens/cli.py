@@ -114,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     exploit.add_argument("--seed", type=int, default=0, help="seed of the token search")
     exploit.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     _add_run(commands, debug)
+    export = commands.add_parser(
+        "export-demo",
+        help="write the embedded demo PM as a Hugging Face reward-model folder (to try pm-lens run on a real folder)",
+        description=("Write the demo PM (SmolLM2-135M-Instruct with its trained reward head) with save_pretrained, "
+                     "float32, ~540 MB, to --out; its SAEs are the folders printed at the end."),
+        epilog=EPILOG, parents=[debug],
+    )
+    export.add_argument("--out", type=Path, default=Path("demo_pm"), help="folder for the model")
+    export.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     return parser
 
 
@@ -178,6 +187,11 @@ def _run(args: argparse.Namespace) -> None:
         from pm_lens.exploits.cli import run_exploit
 
         run_exploit(args)
+    elif args.command == "export-demo":
+        from pm_lens.demo_pm import DEMO_SAE_HOOKS, DEMO_SAES_DIR, export_demo_pm
+
+        folder = export_demo_pm(args.out, cache_dir=args.cache_dir)
+        print(f"wrote the demo PM to {folder}; its SAEs: {', '.join(str(DEMO_SAES_DIR / h) for h in DEMO_SAE_HOOKS)}")
     elif args.command == "run":
         from pm_lens.study.run import print_summary, run_study
 
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("missing command: choose demo, exploit or run")
+        parser.error("missing command: choose demo, exploit, run or export-demo")
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if args.command == "run":
         problem = _run_config_problem(args)

@@ -51,6 +51,24 @@ def demo_reward_model(*, cache_dir: str | Path | None = None, device: str | None
     return smollm2_reward_model(weights, cache_dir=cache_dir, device=device, dtype=dtype)
 
 
+def export_demo_pm(folder: str | Path, *, cache_dir: str | Path | None = None) -> Path:
+    """Write the demo PM as a Hugging Face reward-model folder (``save_pretrained`` of its
+    ``LlamaForSequenceClassification`` and tokenizer, float32), so that the whole study can be
+    tried on a real PM folder: ``pm-lens run --model FOLDER --saes demo-saes...`` or
+    ``RewardModel.from_pretrained(FOLDER)``. Its SAEs are folders under ``DEMO_SAES_DIR``."""
+    from pm_lens.model.smollm2 import smollm2_hf_reward_model
+
+    if not DEMO_PM_FILE.exists():
+        raise FileNotFoundError(f"the demo PM weights are missing at {DEMO_PM_FILE}; run scripts/train_demo_pm.py")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.float() for k, v in load_file(str(DEMO_PM_FILE)).items()}
+    hf_model, tokenizer = smollm2_hf_reward_model(weights, cache_dir=cache_dir)
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def demo_saes(*, device: str | None = None) -> list[Any]:
     """The demo PM's shipped SAEs (top-k, k=32, d_sae 1024) at :data:`DEMO_SAE_HOOKS`: early,
     middle and late residual stream, trained by ``scripts/train_demo_saes.py``."""

@@ -52,3 +52,16 @@ def test_shipped_demo_saes_fit_the_demo_pm(demo_pm):
     with saes_attached(demo_pm, saes):
         spliced = score_pairs(demo_pm, pairs, progress=False)
     assert (bare.chosen_reward - spliced.chosen_reward).abs().max() <= 1e-3
+
+
+def test_the_demo_pm_exports_as_a_reward_model_folder(demo_pm, tmp_path):
+    """pm-lens export-demo writes a save_pretrained folder that loads like any user's PM and
+    gives the demo PM's rewards."""
+    from pm_lens import RewardModel
+    from pm_lens.cli import main
+
+    assert main(["export-demo", "--out", str(tmp_path / "pm")]) == 0
+    loaded = RewardModel.from_pretrained(tmp_path / "pm")
+    pairs = make_planted(seed=0).test[:4]
+    assert torch.allclose(torch.tensor(score_pairs(loaded, pairs, progress=False).margin.to_numpy()),
+                          torch.tensor(score_pairs(demo_pm, pairs, progress=False).margin.to_numpy()), atol=1e-4)

@@ -81,14 +81,13 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
               for s in range(0, len(chosen_pairs), config["run.shard_pairs"])]
     (out / "shards").mkdir(exist_ok=True)
     with _timed(timings, "attribute"):
-        for i, rows in enumerate(tqdm(shards, desc="attributing", unit="shard", disable=not progress)):
-            _attribute_shard(rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors")
+        _each_shard("attributing", shards, progress, lambda i, rows: _attribute_shard(
+            rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors"))
         ranking = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))], saes)
     nodes = confirmed_nodes(ranking, config["attribution.confirm_top"])
     with _timed(timings, "confirm"):
-        for i, rows in enumerate(tqdm(shards, desc="confirming", unit="shard", disable=not progress)):
-            _ablate_shard(rm, saes, config, [chosen_pairs[r] for r in rows], nodes,
-                          out / "shards" / f"ablation-{i:05d}.safetensors")
+        _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
+            rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors"))
         features, datapoints = merge_ablations([out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))],
                                                ranking, nodes, selection)
     write_atomic(out / "features.csv", features.to_csv(index=False))
@@ -96,6 +95,20 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     forward_passes = rm.forward_count.since(counted).as_dict()
     _write_config(out, config, forward_passes, timings, rm)
     return StudyResult(features, datapoints, selection, out, forward_passes, timings)
+
+
+def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any) -> None:
+    """Run ``work(index, rows)`` on every shard under one bar counting pairs (pairs/s, ETA), with
+    a line per shard: computed (and how fast) or read back from a finished run."""
+    with tqdm(total=sum(map(len, shards)), desc=stage, unit="pair", disable=not progress) as bar:
+        for i, rows in enumerate(shards):
+            start = time.perf_counter()
+            done = work(i, rows)
+            seconds = time.perf_counter() - start
+            if progress:
+                what = "read back (finished before)" if done else f"{seconds:.1f} s, {len(rows) / max(seconds, 1e-9):.2f} pairs/s"
+                bar.write(f"{stage} shard {i + 1}/{len(shards)}: {len(rows)} pairs, {what}")
+            bar.update(len(rows))
 
 
 def _load(config: RunConfig) -> tuple[Any, dict[str, Any]]:
@@ -131,9 +144,10 @@ def _claim(out: Path, config: RunConfig) -> None:
     write_atomic(stamp, json.dumps({"digest": config.digest(), "config": config.as_dict()}, indent=2))
 
 
-def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], path: Path) -> None:
+def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], path: Path) -> bool:
+    """Attribute one shard into ``path``; True when it was already there."""
     if _finished(path, config):
-        return
+        return True
     from pm_lens.attribution import attribute
 
     result = attribute(rm, pairs, saes=saes, method=config["attribution.method"], baseline=config["attribution.baseline"],
@@ -147,12 +161,14 @@ def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: li
             tensors[f"{side}.{hook}.values"] = effects.values().contiguous()
             tensors[f"{side}.{hook}.error"] = getattr(result, side).errors[hook].float().contiguous()
     _save(path, tensors, config, n_pairs=len(pairs))
+    return False
 
 
 def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], nodes: list[Node],
-                  path: Path) -> None:
+                  path: Path) -> bool:
+    """Ablate ``nodes`` on one shard into ``path``; True when it was already there."""
     if _finished(path, config, nodes=nodes):
-        return
+        return True
     from pm_lens.attribution import ablate
 
     result = ablate(rm, pairs, features=nodes, saes=saes, baseline=config["attribution.baseline"],
@@ -161,6 +177,7 @@ def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[
     tensors = {"chosen": result.chosen.float().contiguous(), "rejected": result.rejected.float().contiguous(),
                "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float()}
     _save(path, tensors, config, n_pairs=len(pairs), nodes=nodes)
+    return False
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], config: RunConfig, **meta: Any) -> None:

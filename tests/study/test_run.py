@@ -115,8 +115,14 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     assert not (out / "features.csv").exists() and not list(out.rglob("*.tmp"))
     monkeypatch.setattr(run_module, "_ablate_shard", original)
     written = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
-    assert main(["run", str(study["config"]), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(study["config"])]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in written.items())  # finished shards were not redone
+    shown = capsys.readouterr()
+    lines = (shown.out + shown.err).splitlines()
+    assert "attributing shard 2/2: 2 pairs, read back (finished before)" in lines
+    assert "confirming shard 1/2: 4 pairs, read back (finished before)" in lines
+    assert any(line.startswith("confirming shard 2/2: 2 pairs, ") and "pairs/s" in line for line in lines)
     for name in ("features.csv", "top_datapoints.csv", "selection.csv"):
         assert (out / name).read_text() == (study["tmp"] / "whole" / name).read_text(), name
     # A changed config refuses to resume onto the old shards, in one line.
