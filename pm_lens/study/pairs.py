@@ -10,7 +10,7 @@ import pandas as pd
 
 from pm_lens.data import PreferencePair, load_pairs
 from pm_lens.io import write_atomic
-from pm_lens.study.config import RunConfig
+from pm_lens.study.config import DEMO, RunConfig
 
 ROLES = ("prompt", "chosen", "rejected")
 
@@ -28,15 +28,37 @@ def read_pairs(config: RunConfig) -> list[PreferencePair]:
     return pairs
 
 
-def pair_lengths(rm: Any, pairs: list[PreferencePair]) -> np.ndarray:
+def pair_lengths(tokenizer: Any, text_format: str, pairs: list[PreferencePair]) -> np.ndarray:
     """``[n_pairs]`` the token length of each pair's longer side, as the model will see it."""
     from pm_lens.data.encoding import _encode_one
 
-    return np.array([max(len(_encode_one(rm.tokenizer, p.prompt, text, rm.text_format)[0]) for text in (p.chosen, p.rejected))
+    return np.array([max(len(_encode_one(tokenizer, p.prompt, text, text_format)[0]) for text in (p.chosen, p.rejected))
                      for p in pairs], dtype=np.int64)
 
 
-def select_pairs(rm: Any, pairs: list[PreferencePair], config: RunConfig, out: Path, *, progress: bool = True) -> pd.DataFrame:
+def check_kept(config: RunConfig, pairs: list[PreferencePair]) -> np.ndarray | None:
+    """For a model folder, measure the pairs with its tokenizer alone (before the model loads) and
+    refuse a ``pairs.k`` larger than the pairs within ``pairs.max_tokens``; their lengths, or None
+    for the demo PM (measured once it is loaded)."""
+    if config["model.path"] == DEMO:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config["model.path"], local_files_only=True)
+    lengths = pair_lengths(tokenizer, config["model.text_format"], pairs)
+    _check_k(config, lengths, len(pairs))
+    return lengths
+
+
+def _check_k(config: RunConfig, lengths: np.ndarray, n_pairs: int) -> None:
+    kept, k, limit = int((lengths <= config["pairs.max_tokens"]).sum()), config["pairs.k"], config["pairs.max_tokens"]
+    if config["pairs.select"] != "all" and k > kept:
+        raise ValueError(f"pairs.k = {k} but only {kept} of {n_pairs} pairs have both sides within "
+                         f"pairs.max_tokens = {limit} tokens; lower pairs.k or raise pairs.max_tokens")
+
+
+def select_pairs(rm: Any, pairs: list[PreferencePair], config: RunConfig, out: Path, *, lengths: np.ndarray | None = None,
+                 progress: bool = True) -> pd.DataFrame:
     """Keep the pairs whose both sides fit in ``pairs.max_tokens``, then select ``pairs.k`` of them
     (largest |margin|, seeded random, or all), in file order. Written to ``selection.csv``
     (``pair``: index in the file, ``tokens``, and for ``top_margin`` the clean rewards and margin);
@@ -44,13 +66,11 @@ def select_pairs(rm: Any, pairs: list[PreferencePair], config: RunConfig, out: P
     path = out / "selection.csv"
     if path.exists():
         return pd.read_csv(path)
-    lengths = pair_lengths(rm, pairs)
-    limit = config["pairs.max_tokens"]
-    kept = np.flatnonzero(lengths <= limit)
+    if lengths is None:
+        lengths = pair_lengths(rm.tokenizer, rm.text_format, pairs)
+    _check_k(config, lengths, len(pairs))
+    kept = np.flatnonzero(lengths <= config["pairs.max_tokens"])
     select, k = config["pairs.select"], config["pairs.k"]
-    if select != "all" and k > len(kept):
-        raise ValueError(f"pairs.k = {k} but only {len(kept)} of {len(pairs)} pairs have both sides within "
-                         f"pairs.max_tokens = {limit} tokens; lower pairs.k or raise pairs.max_tokens")
     table = pd.DataFrame({"pair": kept, "tokens": lengths[kept]})
     if select == "top_margin":
         from pm_lens.scoring import score_pairs

@@ -43,7 +43,7 @@ from pm_lens.data import PreferencePair
 from pm_lens.io import write_atomic
 from pm_lens.saes.node import Node
 from pm_lens.study.config import DEMO, RunConfig
-from pm_lens.study.pairs import read_pairs, select_pairs
+from pm_lens.study.pairs import check_kept, read_pairs, select_pairs
 
 STAMP = "run.json"
 
@@ -64,6 +64,7 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     """Run (or resume) the study ``config`` describes; with ``dry_run`` print the plan and stop."""
     out = Path(config["run.out"])
     pairs = read_pairs(config)
+    lengths = check_kept(config, pairs)  # with the tokenizer alone, before the model loads
     timings: dict[str, float] = {}
     start = time.perf_counter()
     rm, saes = _load(config)
@@ -75,7 +76,7 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     out.mkdir(parents=True, exist_ok=True)
     _claim(out, config)
     with _timed(timings, "select"):
-        selection = select_pairs(rm, pairs, config, out, progress=progress)
+        selection = select_pairs(rm, pairs, config, out, lengths=lengths, progress=progress)
     chosen_pairs = [pairs[i] for i in selection.pair]
     shards = [list(range(s, min(s + config["run.shard_pairs"], len(chosen_pairs))))
               for s in range(0, len(chosen_pairs), config["run.shard_pairs"])]
@@ -310,7 +311,7 @@ def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: d
 def _print_plan(config: RunConfig, rm: Any, saes: dict[str, Any], pairs: list[PreferencePair]) -> None:
     from pm_lens.study.pairs import pair_lengths
 
-    lengths = pair_lengths(rm, pairs)
+    lengths = pair_lengths(rm.tokenizer, rm.text_format, pairs)
     kept = int((lengths <= config["pairs.max_tokens"]).sum())
     k = kept if config["pairs.select"] == "all" else min(config["pairs.k"], kept)
     tokens = int(np.sort(lengths[lengths <= config["pairs.max_tokens"]])[:k].sum() * 2) if k else 0

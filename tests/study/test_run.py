@@ -134,6 +134,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     ("", ["--k", "ten"], "pairs.k must be an integer, got 'ten'"),
     ("", ["--k", "0"], "pairs.k must be >= 1, got 0"),
     ("", ["--k", "50"], "pairs.k = 50 but"),
+    ("", ["--k", "11"], "pairs.k = 11 but only 10 of 12 pairs have both sides within pairs.max_tokens = 100 tokens"),
     ("kk = 3", [], "unknown key 'pairs.kk'"),
     ("[nonsense]\nx = 1\n", [], "unknown section [nonsense]"),
     ("", ["--dtype", "float8"], "model.dtype must be one of 'float32', 'bfloat16', 'float16'; got 'float8'"),
