@@ -134,7 +134,7 @@ def _add_run(commands: argparse._SubParsersAction, debug: argparse.ArgumentParse
         help="the study on your own reward model, from a TOML config (resumable)",
         description=(
             "Select pairs, attribute the margin to every SAE feature, confirm the top ones by exact ablation, and "
-            "write features.csv, top_datapoints.csv, selection.csv and config.json to run.out, in resumable shards. "
+            "write features.csv, top_datapoints.csv, selection.csv, fidelity.json and config.json to run.out, in resumable shards. "
             "Every config key is also a flag, which overrides the file."
         ),
         epilog=EPILOG, parents=[debug],

@@ -112,14 +112,25 @@ def fidelity(
     estimated = np.array([attribution.mean_effect(node) for node in nodes])
     exact = np.array([exact_all[ablation.column(node)] for node in nodes])
     top = np.array([rank[str(node)] < top_k for node in nodes])
+    completeness_dict = None
+    if completeness is not None:
+        completeness_dict = completeness_summary(attribution.total.numpy(), completeness.effects(target)[:, 0].numpy())
+    return card_from_effects(estimated, exact, top, n_ranked=len(rank), top_k=top_k, k=k,
+                             settings=attribution.settings.as_dict(), completeness=completeness_dict)
+
+
+def card_from_effects(estimated: np.ndarray, exact: np.ndarray, top: np.ndarray, *, n_ranked: int, top_k: int, k: int,
+                      settings: dict[str, Any], completeness: dict[str, float] | None = None) -> FidelityCard:
+    """The card from per-node mean effects (``[n_nodes]`` estimated and exact), which of them are
+    in the top ``top_k`` of a ranking of ``n_ranked`` features (the rest are the random sample)."""
     k = max(1, min(k, int(top.sum())))
     true_top = set(np.argsort(-np.abs(np.where(top, exact, 0)))[:k])
     est_top = set(np.argsort(-np.abs(np.where(top, estimated, 0)))[:k])
     threshold = float(np.sort(np.abs(exact[top]))[::-1][k - 1]) if top.any() else float("inf")
     missed = int((np.abs(exact[~top]) >= threshold).sum())
-    n_outside = len(rank) - min(top_k, len(rank))
+    n_outside = n_ranked - min(top_k, n_ranked)
     return FidelityCard(
-        settings=attribution.settings.as_dict(),
+        settings=settings,
         n_top=int(top.sum()),
         n_random=int((~top).sum()),
         k=k,
@@ -134,7 +145,7 @@ def fidelity(
         missed_in_sample=missed,
         missed_estimated=missed / max(1, int((~top).sum())) * n_outside,
         n_outside_top=n_outside,
-        completeness=_completeness(attribution, completeness, target) if completeness is not None else None,
+        completeness=completeness,
     )
 
 
@@ -195,9 +206,8 @@ def _corr(fn: Any, a: np.ndarray, b: np.ndarray) -> float:
     return float(fn(a, b).statistic)
 
 
-def _completeness(attribution: Attribution, everything: Ablation, target: str) -> dict[str, float]:
-    exact = everything.effects(target)[:, 0].numpy()
-    attributed = attribution.total.numpy()
+def completeness_summary(attributed: np.ndarray, exact: np.ndarray) -> dict[str, float]:
+    """Per-pair sums of all attributions (``[n_pairs]``) against the exact removal of every node."""
     return {
         "attributed_mean": float(attributed.mean()),
         "exact_mean": float(exact.mean()),

@@ -6,7 +6,7 @@ A config has five sections; every key has a default except the three a run canno
     [model]       path ("demo" or a Hugging Face reward-model folder), device, dtype, text_format, objective
     [pairs]       path, split, prompt/chosen/rejected columns, max_tokens, select, k, seed
     [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo")
-    [attribution] method, positions, baseline, ig_steps, batch_tokens, confirm_top
+    [attribution] method, positions, baseline, ig_steps, batch_tokens, confirm_top, fidelity_top, n_random, seed
     [run]         out, shard_pairs
 
 :func:`load_config` reads the file, applies flag overrides, and checks every value (type, range,
@@ -65,7 +65,7 @@ KEYS = (
     Key("pairs", "select", str, "top_margin", "which pairs to study",
         choices=("top_margin", "random", "all")),
     Key("pairs", "k", int, 100, "how many pairs to keep (top_margin, random)", minimum=1),
-    Key("pairs", "seed", int, 0, "seed of select=random"),
+    Key("pairs", "seed", int, 0, "seed of select=random", flag="pairs-seed"),
     Key("saes", "sources", list, REQUIRED, 'SAE folders or checkpoints (comma-separated as a flag), or ["demo"]',
         flag="saes"),
     Key("attribution", "method", str, "atp", "attribution method", choices=("atp", "ig")),
@@ -75,6 +75,9 @@ KEYS = (
     Key("attribution", "ig_steps", int, 8, "integrated-gradient steps (method=ig)", minimum=1),
     Key("attribution", "batch_tokens", int, 4096, "tokens per forward", minimum=1),
     Key("attribution", "confirm_top", int, 10, "features confirmed by exact ablation per direction", minimum=1),
+    Key("attribution", "fidelity_top", int, 50, "top features of the ranking ablated for the fidelity card", minimum=1),
+    Key("attribution", "n_random", int, 50, "other active features ablated for the fidelity card", minimum=0),
+    Key("attribution", "seed", int, 0, "seed of the fidelity card's random features", flag="fidelity-seed"),
     Key("run", "out", str, REQUIRED, "folder for the outputs (a finished or interrupted run there is resumed)",
         flag="out"),
     Key("run", "shard_pairs", int, 64, "pairs per shard (the unit of resumption)", minimum=1),
@@ -190,3 +193,6 @@ def _check_paths(config: RunConfig) -> None:
             raise ValueError(f"saes.sources: {source!r} does not exist (give SAE folders or checkpoint files, or 'demo')")
     if (config["model.path"] == DEMO) != (config["saes.sources"] == [DEMO]) and DEMO in config["saes.sources"]:
         raise ValueError("saes.sources 'demo' are the embedded demo PM's SAEs: use them with model.path = 'demo'")
+
+
+assert len({key.option for key in KEYS}) == len(KEYS), "two keys share a flag"

@@ -10,7 +10,9 @@ What a run does (:func:`run_study`), writing each output as soon as it is ready:
    sides (sparse) go to ``shards/attribution-NNNNN.safetensors``; the ranking is accumulated from
    them, so memory is bounded by a shard, not by the number of pairs;
 4. confirmation: the top ``attribution.confirm_top`` features that raise and that lower the
-   margin are ablated exactly on every pair, shard by shard (``shards/ablation-NNNNN.safetensors``);
+   margin, and the fidelity card's sample (the top ``fidelity_top`` and ``n_random`` others), are
+   ablated exactly on every pair, and every node removed at once (completeness), shard by shard
+   from one clean forward each (``shards/ablation-NNNNN.safetensors``); ``fidelity.json``;
 5. ``features.csv`` (estimated and exact effects, signs explained in the columns' names),
    ``top_datapoints.csv`` (per confirmed feature, the pairs where removing it changes the margin
    most, with both sides' rewards before and after) and ``config.json`` (resolved settings,
@@ -55,6 +57,7 @@ class StudyResult:
     features: pd.DataFrame
     datapoints: pd.DataFrame
     selection: pd.DataFrame
+    card: Any
     out: Path
     forward_passes: dict[str, dict[str, int]]
     timings: dict[str, float]
@@ -84,18 +87,23 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     with _timed(timings, "attribute"):
         _each_shard("attributing", shards, progress, lambda i, rows: _attribute_shard(
             rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors"))
-        ranking = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))], saes)
-    nodes = confirmed_nodes(ranking, config["attribution.confirm_top"])
+        ranking, totals = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))],
+                                             saes)
+    confirmed = confirmed_nodes(ranking, config["attribution.confirm_top"])
+    sample = fidelity_nodes(ranking, config["attribution.fidelity_top"], config["attribution.n_random"], config["attribution.seed"])
+    nodes = list(dict.fromkeys([*confirmed, *sample]))
     with _timed(timings, "confirm"):
         _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
             rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors"))
-        features, datapoints = merge_ablations([out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))],
-                                               ranking, nodes, selection)
+        paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
+        features, datapoints = merge_ablations(paths, ranking, nodes, selection, shown=len(confirmed))
+        card = run_fidelity(paths, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
+    card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
     forward_passes = rm.forward_count.since(counted).as_dict()
     _write_config(out, config, forward_passes, timings, rm)
-    return StudyResult(features, datapoints, selection, out, forward_passes, timings)
+    return StudyResult(features, datapoints, selection, card, out, forward_passes, timings)
 
 
 def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any) -> None:
@@ -171,12 +179,21 @@ def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[
     if _finished(path, config, nodes=nodes):
         return True
     from pm_lens.attribution import ablate
+    from pm_lens.attribution.batching import pair_batches
+    from pm_lens.attribution.clean import CleanSettings, build_clean_run
+    from pm_lens.data import SKIP_FIRST
 
-    result = ablate(rm, pairs, features=nodes, saes=saes, baseline=config["attribution.baseline"],
-                    positions=config["attribution.positions"], batch_tokens=config["attribution.batch_tokens"],
-                    progress=False)
+    common = dict(saes=saes, baseline=config["attribution.baseline"], positions=config["attribution.positions"],
+                  batch_tokens=config["attribution.batch_tokens"], progress=False)
+    # One clean forward of the shard, shared by both ablations.
+    batches = pair_batches(rm, pairs, batch_tokens=config["attribution.batch_tokens"])
+    clean = build_clean_run(rm, pairs, batches, saes, CleanSettings(config["attribution.positions"], SKIP_FIRST,
+                                                                    rm.text_format, False))
+    result = ablate(rm, pairs, features=nodes, clean=clean, **common)
+    everything = ablate(rm, pairs, features="all", clean=clean, **common)
     tensors = {"chosen": result.chosen.float().contiguous(), "rejected": result.rejected.float().contiguous(),
-               "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float()}
+               "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float(),
+               "all_margin": everything.margin[:, 0].float().contiguous()}
     _save(path, tensors, config, n_pairs=len(pairs), nodes=nodes)
     return False
 
@@ -198,18 +215,22 @@ def _finished(path: Path, config: RunConfig, *, nodes: list[Node] | None = None)
     return nodes is None or json.loads(metadata.get("nodes", "[]")) == [str(n) for n in nodes]
 
 
-def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> pd.DataFrame:
-    """The ranking of every feature over all shards: ``effect`` is the mean estimated change of
-    the margin when the feature is removed (negative: the feature raises the margin)."""
+def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The ranking of every active feature over all shards (``estimated_margin_effect``: the mean
+    estimated change of the margin when the feature is removed; negative: the feature raises the
+    margin), and ``[n_pairs]`` the sum of all attributions of each pair (features and errors)."""
     sums = {hook: _Sums(sae.cfg.d_sae) for hook, sae in saes.items()}
-    n_pairs = 0
+    n_pairs, totals = 0, []
     for path in paths:
         shard = load_file(str(path))
         n = shard["chosen_rewards"].shape[0]
         n_pairs += n
+        total = torch.zeros(n, dtype=torch.float64)
         for hook, acc in sums.items():
             chosen, rejected = (_dense(shard, f"{side}.{hook}", (n, acc.width)) for side in ("chosen", "rejected"))
             acc.add(chosen - rejected)
+            total += (chosen - rejected).double().sum(1) + (shard[f"chosen.{hook}.error"] - shard[f"rejected.{hook}.error"]).double()
+        totals.append(total)
     rows = []
     for hook, acc in sums.items():
         table = acc.table(n_pairs)
@@ -218,8 +239,8 @@ def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> pd.DataFrame:
     ranking = pd.concat(rows, ignore_index=True)
     ranking.insert(0, "node", [str(Node(h, int(f))) for h, f in zip(ranking.hook_name, ranking.feature)])
     ranking = ranking[ranking.n_pairs_active > 0]
-    return ranking.reindex(ranking.estimated_margin_effect.abs().sort_values(ascending=False, kind="stable").index) \
-        .reset_index(drop=True)
+    order = ranking.estimated_margin_effect.abs().sort_values(ascending=False, kind="stable").index
+    return ranking.reindex(order).reset_index(drop=True), torch.cat(totals)
 
 
 def _dense(shard: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -262,8 +283,9 @@ def confirmed_nodes(ranking: pd.DataFrame, top: int) -> list[Node]:
 
 
 def merge_ablations(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], selection: pd.DataFrame,
-                    *, per_feature: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``features.csv`` (one row per confirmed feature) and ``top_datapoints.csv`` from the shards."""
+                    *, shown: int, per_feature: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``features.csv`` (one row per confirmed feature: the first ``shown`` of ``nodes``) and
+    ``top_datapoints.csv`` from the shards."""
     shards = [load_file(str(path)) for path in paths]
     chosen = torch.cat([s["chosen"] for s in shards])
     rejected = torch.cat([s["rejected"] for s in shards])
@@ -272,7 +294,7 @@ def merge_ablations(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node],
     margin = chosen - rejected
     estimated = ranking.set_index("node")
     rows, points = [], []
-    for column, node in enumerate(nodes):
+    for column, node in enumerate(nodes[:shown]):
         est = estimated.loc[str(node)]
         rows.append(dict(
             rank=column + 1, node=str(node), hook_name=node.hook_name, feature=node.feature,
@@ -293,6 +315,33 @@ def merge_ablations(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node],
     features = pd.DataFrame(rows)
     features["feature"] = features["feature"].astype("Int64")
     return features, pd.DataFrame(points)
+
+
+def fidelity_nodes(ranking: pd.DataFrame, top: int, n_random: int, seed: int) -> list[Node]:
+    """The fidelity card's features: the ``top`` of the ranking by |estimated effect|, then
+    ``n_random`` of the other active ones drawn with ``seed``."""
+    rest = ranking.node.iloc[top:].tolist()
+    drawn = np.random.default_rng(seed).choice(len(rest), size=min(n_random, len(rest)), replace=False) if rest else []
+    return [Node.parse(name) for name in [*ranking.node.iloc[:top], *(rest[i] for i in sorted(drawn))]]
+
+
+def run_fidelity(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], sample: list[Node], totals: torch.Tensor,
+                 config: RunConfig, dtype: str) -> Any:
+    """The fidelity card of the run: estimated against exact mean margin effects of ``sample``,
+    and the sum of all attributions against removing every node (completeness)."""
+    from pm_lens.attribution.fidelity import card_from_effects, completeness_summary
+
+    shards = [load_file(str(path)) for path in paths]
+    margin = torch.cat([s["chosen"] - s["rejected"] for s in shards]).double().mean(0)
+    estimated = ranking.set_index("node").estimated_margin_effect
+    columns = [nodes.index(node) for node in sample]
+    top = np.array([i < config["attribution.fidelity_top"] for i in range(len(sample))])
+    everything = torch.cat([s["all_margin"] for s in shards]).numpy()
+    settings = {**config.values["attribution"], "target": "margin", "dtype": dtype}
+    return card_from_effects(estimated.loc[[str(n) for n in sample]].to_numpy(dtype=np.float64),
+                             margin[columns].numpy(), top, n_ranked=len(ranking), top_k=config["attribution.fidelity_top"],
+                             k=min(10, config["attribution.fidelity_top"]), settings=settings,
+                             completeness=completeness_summary(totals.numpy(), everything))
 
 
 def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any) -> None:
@@ -344,6 +393,7 @@ def print_summary(result: StudyResult) -> None:
         print("Confirmed features (effects are the change when the feature is removed: negative = the feature "
               "raises the margin r(chosen) - r(rejected)):")
         print(shown.to_string(index=False))
+    print(f"\n{result.card}")
     passes = ", ".join(f"{k} {v['passes']} ({v['sequences']} sequences)" for k, v in result.forward_passes.items())
     print(f"\n{len(result.selection)} pairs; forward passes: {passes}")
-    print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, config.json")
+    print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, fidelity.json, config.json")

@@ -61,7 +61,7 @@ shard_pairs = 4
 def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(study):
     assert main(["run", str(study["config"]), "--quiet"]) == 0
     out = study["out"]
-    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "config.json"):
+    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "fidelity.json", "config.json"):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
     rm = RewardModel.from_pretrained(study["model_dir"])
@@ -90,6 +90,11 @@ def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(s
     pair = pairs[int(point.pair)]
     clean = score_pairs(rm, [pair], progress=False).iloc[0]
     assert abs(point.chosen_before - clean.chosen_reward) < 1e-4 and abs(point.rejected_before - clean.rejected_reward) < 1e-4
+    # The fidelity card: the exact removal of everything recomputed here; it says which dtype ran.
+    card = json.loads((out / "fidelity.json").read_text())
+    everything = ablate(rm, [pairs[i] for i in expected], saes=[sae], features="all", progress=False)
+    assert abs(card["completeness"]["exact_mean"] - float(everything.margin.mean())) < 1e-5
+    assert card["settings"]["dtype"] == "float32" and card["n_top"] + card["n_random"] > 0
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["forward_passes"]["clean"]["sequences"] == 2 * 2 * 6  # each phase runs each side once
     assert recorded["config"]["pairs"]["k"] == 6 and recorded["dtype"] == "float32"
@@ -123,7 +128,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     assert "attributing shard 2/2: 2 pairs, read back (finished before)" in lines
     assert "confirming shard 1/2: 4 pairs, read back (finished before)" in lines
     assert any(line.startswith("confirming shard 2/2: 2 pairs, ") and "pairs/s" in line for line in lines)
-    for name in ("features.csv", "top_datapoints.csv", "selection.csv"):
+    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "fidelity.json"):
         assert (out / name).read_text() == (study["tmp"] / "whole" / name).read_text(), name
     # A changed config refuses to resume onto the old shards, in one line.
     assert main(["run", str(study["config"]), "--quiet", "--k", "5"]) == 1
