@@ -49,19 +49,26 @@ def render_report(
     """The report as an HTML string.
 
     Args:
-        features: one row per ranked feature with at least ``hook_name``, ``feature`` and
-            ``direction`` ("raises" or "lowers").
+        features: one row per ranked feature with at least ``hook_name`` and ``feature``, and
+            either ``direction`` ("raises"/"lowers", or ``top_features``' "raising"/"lowering")
+            or a removal effect (``exact_margin_effect``, ``estimated_margin_effect``,
+            ``effect``: negative means the feature raises reward), e.g.
+            ``attribute(...).top_features()`` or ``pm-lens run``'s ``features.csv``.
         contexts: :func:`pm_lens.saes.contexts.top_contexts` of those features.
         tables: extra titled tables, shown after the fidelity card.
         notes: a paragraph under a section, by section title.
     """
     notes = notes or {}
+    features = with_direction(features)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
              _section("Settings", notes), f"<pre>{_e(json.dumps(settings, indent=2, default=str))}</pre>"]
     for direction in ("raises", "lowers"):
         heading = f"Features that {'raise' if direction == 'raises' else 'lower'} reward"
-        parts += [_section(heading, notes), _table(features[features.direction == direction])]
+        sign = (f"Every effect is the change when the feature is removed: removing one of these "
+                f"{'lowers' if direction == 'raises' else 'raises'} reward (effect {'< 0' if direction == 'raises' else '> 0'}).")
+        note = f"{notes[heading]} {sign}" if heading in notes else sign
+        parts += [_section(heading, {heading: note}), _table(features[features.direction == direction])]
     parts += [_section("Fidelity", notes), f"<pre>{_e(str(card))}</pre>"]
     for name, table in (tables or {}).items():
         parts += [_section(name, notes), _table(table)]
@@ -77,6 +84,26 @@ def render_report(
 def write_report(path: str | Path, **kwargs: Any) -> None:
     """Render the report (see :func:`render_report`) and write it atomically."""
     write_atomic(path, render_report(**kwargs))
+
+
+EFFECT_COLUMNS = ("exact_margin_effect", "estimated_margin_effect", "effect")
+WORDS = {"raises": "raises", "lowers": "lowers", "raising": "raises", "lowering": "lowers"}
+
+
+def with_direction(features: pd.DataFrame) -> pd.DataFrame:
+    """``features`` with a ``direction`` column ("raises"/"lowers" reward): kept (in either
+    spelling) when there is one, else from the sign of the first removal-effect column."""
+    if "direction" in features:
+        unknown = sorted(set(features.direction) - set(WORDS))
+        if unknown:
+            raise ValueError(f"direction must be 'raises' or 'lowers' (or 'raising'/'lowering'), got {unknown}")
+        return features.assign(direction=features.direction.map(WORDS))
+    column = next((c for c in EFFECT_COLUMNS if c in features), None)
+    if column is None:
+        raise ValueError(f"the features table needs a 'direction' column or an effect column ({', '.join(EFFECT_COLUMNS)}); "
+                         f"it has {list(features.columns)}")
+    # A removal effect below zero: removing the feature lowers reward, so the feature raises it.
+    return features.assign(direction=["raises" if e < 0 else "lowers" for e in features[column]])
 
 
 def _e(text: Any) -> str:

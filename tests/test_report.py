@@ -32,3 +32,29 @@ def test_report_escapes_text_and_shades_tokens(tmp_path):
     assert "class='prompt'" in page and "class='completion peak'" in page and "⏎" in page
     write_report(tmp_path / "r.html", title="t", settings={}, features=features, card=_card(), contexts=contexts)
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_of_any_run_takes_attributes_top_features(tmp_path, tokenizer):
+    """write_report on attribute(...).top_features() (no 'direction' column): features are split
+    by the sign of their removal effect, and the headings say what the sign means."""
+    from pm_lens import RewardModel, attribute
+    from pm_lens.attribution.fidelity import check_fidelity
+    from pm_lens.data import encode_pairs
+    from pm_lens.testing import sparse_sae_for, tiny_hf_reward_model
+    from tests.attribution.conftest import PAIRS
+
+    rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=3), tokenizer)
+    tokens = encode_pairs(tokenizer, PAIRS, max_len=128).chosen.tokens
+    sae = sparse_sae_for(rm, "blocks.1.hook_resid_post", tokens, d_sae=64, fire_rate=0.2)
+    result = attribute(rm, PAIRS, saes=[sae], progress=False)
+    top = result.top_features(6)
+    card = check_fidelity(rm, result, top_k=5, n_random=3, progress=False)
+    write_report(tmp_path / "r.html", title="run", settings={}, features=top, card=card, contexts={})
+    page = (tmp_path / "r.html").read_text()
+    assert "Features that raise reward" in page and "removing one of these lowers reward (effect &lt; 0)" in page
+    raising = top[top.effect < 0]
+    for row in raising.itertuples():
+        assert row.node in page
+    raising_words = render_report(title="t", settings={}, features=result.top_features(3, direction="raising")
+                                  .assign(direction="raising"), card=card, contexts={})
+    assert "Features that raise reward" in raising_words

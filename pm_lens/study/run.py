@@ -16,7 +16,8 @@ What a run does (:func:`run_study`), writing each output as soon as it is ready:
 5. ``features.csv`` (estimated and exact effects, signs explained in the columns' names),
    ``top_datapoints.csv`` (per confirmed feature, the pairs where removing it changes the margin
    most, with both sides' rewards before and after) and ``config.json`` (resolved settings,
-   versions, forward passes, timings).
+   versions, forward passes, timings); ``report.html`` (the confirmed features, the card, the top
+   datapoints).
 
 Every file is written atomically; each shard file carries the config's digest. Run the same
 command again after a crash or Ctrl-C and finished shards are read back, not recomputed; the
@@ -101,6 +102,7 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
+    _write_report(out, config, features, datapoints, card)
     forward_passes = rm.forward_count.since(counted).as_dict()
     _write_config(out, config, forward_passes, timings, rm)
     return StudyResult(features, datapoints, selection, card, out, forward_passes, timings)
@@ -344,6 +346,16 @@ def run_fidelity(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], sa
                              completeness=completeness_summary(totals.numpy(), everything))
 
 
+def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoints: pd.DataFrame, card: Any) -> None:
+    from pm_lens.report import write_report
+
+    notes = {"Top datapoints": "Per confirmed feature, the pairs where removing it changes the margin "
+                               "r(chosen) - r(rejected) most: both sides' rewards before and after, and whether the "
+                               "preference flips. Contexts per feature are not in pm-lens run yet."}
+    write_report(out / "report.html", title=f"pm-lens run: {config['model.path']}", settings=config.as_dict(),
+                 features=features, card=card, contexts={}, tables={"Top datapoints": datapoints}, notes=notes)
+
+
 def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any) -> None:
     from importlib.metadata import version
 
@@ -396,4 +408,4 @@ def print_summary(result: StudyResult) -> None:
     print(f"\n{result.card}")
     passes = ", ".join(f"{k} {v['passes']} ({v['sequences']} sequences)" for k, v in result.forward_passes.items())
     print(f"\n{len(result.selection)} pairs; forward passes: {passes}")
-    print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, fidelity.json, config.json")
+    print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, fidelity.json, report.html, config.json")

@@ -61,7 +61,7 @@ shard_pairs = 4
 def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(study):
     assert main(["run", str(study["config"]), "--quiet"]) == 0
     out = study["out"]
-    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "fidelity.json", "config.json"):
+    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "fidelity.json", "report.html", "config.json"):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
     rm = RewardModel.from_pretrained(study["model_dir"])
