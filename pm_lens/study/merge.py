@@ -1,0 +1,144 @@
+"""Merging a ``pm-lens run``'s shard files: the ranking, the confirmed features, their top
+datapoints and the fidelity card, read from disk so memory is bounded by a shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from pm_lens.saes.node import Node
+from pm_lens.study.config import RunConfig
+
+
+def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The ranking of every active feature over all shards (``estimated_margin_effect``: the mean
+    estimated change of the margin when the feature is removed; negative: the feature raises the
+    margin), and ``[n_pairs]`` the sum of all attributions of each pair (features and errors)."""
+    sums = {hook: _Sums(sae.cfg.d_sae) for hook, sae in saes.items()}
+    n_pairs, totals = 0, []
+    for path in paths:
+        shard = load_file(str(path))
+        n = shard["chosen_rewards"].shape[0]
+        n_pairs += n
+        total = torch.zeros(n, dtype=torch.float64)
+        for hook, acc in sums.items():
+            chosen, rejected = (_dense(shard, f"{side}.{hook}", (n, acc.width)) for side in ("chosen", "rejected"))
+            acc.add(chosen - rejected)
+            total += (chosen - rejected).double().sum(1) + (shard[f"chosen.{hook}.error"] - shard[f"rejected.{hook}.error"]).double()
+        totals.append(total)
+    rows = []
+    for hook, acc in sums.items():
+        table = acc.table(n_pairs)
+        table.insert(0, "hook_name", hook)
+        rows.append(table)
+    ranking = pd.concat(rows, ignore_index=True)
+    ranking.insert(0, "node", [str(Node(h, int(f))) for h, f in zip(ranking.hook_name, ranking.feature)])
+    ranking = ranking[ranking.n_pairs_active > 0]
+    order = ranking.estimated_margin_effect.abs().sort_values(ascending=False, kind="stable").index
+    return ranking.reindex(order).reset_index(drop=True), torch.cat(totals)
+
+
+def _dense(shard: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A shard's sparse effects (indices and values) as a dense ``shape`` tensor."""
+    dense = torch.zeros(shape)
+    indices = shard[f"{name}.indices"]
+    dense.index_put_((indices[0], indices[1]), shard[f"{name}.values"], accumulate=True)
+    return dense
+
+
+class _Sums:
+    """Running sums of one hook's per-pair margin effects (memory: a few ``[d_sae]`` vectors)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.total, self.absolute = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+        self.active, self.positive, self.negative = (torch.zeros(width, dtype=torch.long) for _ in range(3))
+
+    def add(self, effects: torch.Tensor) -> None:
+        self.total += effects.double().sum(0)
+        self.absolute += effects.double().abs().sum(0)
+        self.active += (effects != 0).sum(0)
+        self.positive += (effects > 0).sum(0)
+        self.negative += (effects < 0).sum(0)
+
+    def table(self, n_pairs: int) -> pd.DataFrame:
+        mean = (self.total / n_pairs).float()
+        agree = torch.where(mean > 0, self.positive, self.negative).double() / self.active.clamp(min=1)
+        return pd.DataFrame({"feature": np.arange(self.width), "estimated_margin_effect": mean.numpy(),
+                             "mean_abs_effect": (self.absolute / n_pairs).float().numpy(),
+                             "sign_agreement": agree.float().numpy(), "n_pairs_active": self.active.numpy()})
+
+
+def confirmed_nodes(ranking: pd.DataFrame, top: int) -> list[Node]:
+    """The ``top`` features that raise the margin most (most negative removal effect) and the
+    ``top`` that lower it most, in that order."""
+    raising = ranking[ranking.estimated_margin_effect < 0].head(top)
+    lowering = ranking[ranking.estimated_margin_effect > 0].head(top)
+    return [Node.parse(name) for name in [*raising.node, *lowering.node]]
+
+
+def merge_ablations(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], selection: pd.DataFrame,
+                    *, shown: int, per_feature: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``features.csv`` (one row per confirmed feature: the first ``shown`` of ``nodes``) and
+    ``top_datapoints.csv`` from the shards."""
+    shards = [load_file(str(path)) for path in paths]
+    chosen = torch.cat([s["chosen"] for s in shards])
+    rejected = torch.cat([s["rejected"] for s in shards])
+    clean_chosen = torch.cat([s["clean_chosen"] for s in shards])
+    clean_rejected = torch.cat([s["clean_rejected"] for s in shards])
+    margin = chosen - rejected
+    estimated = ranking.set_index("node")
+    rows, points = [], []
+    for column, node in enumerate(nodes[:shown]):
+        est = estimated.loc[str(node)]
+        rows.append(dict(
+            rank=column + 1, node=str(node), hook_name=node.hook_name, feature=node.feature,
+            role="raises the margin" if est.estimated_margin_effect < 0 else "lowers the margin",
+            estimated_margin_effect=float(est.estimated_margin_effect),
+            exact_margin_effect=float(margin[:, column].mean()), exact_chosen_effect=float(chosen[:, column].mean()),
+            exact_rejected_effect=float(rejected[:, column].mean()), sign_agreement=float(est.sign_agreement),
+            n_pairs_active=int(est.n_pairs_active)))
+        for row in margin[:, column].abs().argsort(descending=True)[:per_feature].tolist():
+            before = float(clean_chosen[row] - clean_rejected[row])
+            after = before + float(margin[row, column])
+            points.append(dict(
+                node=str(node), pair=int(selection.pair.iloc[row]), margin_effect=float(margin[row, column]),
+                chosen_before=float(clean_chosen[row]), chosen_after=float(clean_chosen[row] + chosen[row, column]),
+                rejected_before=float(clean_rejected[row]),
+                rejected_after=float(clean_rejected[row] + rejected[row, column]),
+                preference_flips=bool((before > 0) != (after > 0))))
+    features = pd.DataFrame(rows)
+    features["feature"] = features["feature"].astype("Int64")
+    return features, pd.DataFrame(points)
+
+
+def fidelity_nodes(ranking: pd.DataFrame, top: int, n_random: int, seed: int) -> list[Node]:
+    """The fidelity card's features: the ``top`` of the ranking by |estimated effect|, then
+    ``n_random`` of the other active ones drawn with ``seed``."""
+    rest = ranking.node.iloc[top:].tolist()
+    drawn = np.random.default_rng(seed).choice(len(rest), size=min(n_random, len(rest)), replace=False) if rest else []
+    return [Node.parse(name) for name in [*ranking.node.iloc[:top], *(rest[i] for i in sorted(drawn))]]
+
+
+def run_fidelity(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], sample: list[Node], totals: torch.Tensor,
+                 config: RunConfig, dtype: str) -> Any:
+    """The fidelity card of the run: estimated against exact mean margin effects of ``sample``,
+    and the sum of all attributions against removing every node (completeness)."""
+    from pm_lens.attribution.fidelity import card_from_effects, completeness_summary
+
+    shards = [load_file(str(path)) for path in paths]
+    margin = torch.cat([s["chosen"] - s["rejected"] for s in shards]).double().mean(0)
+    estimated = ranking.set_index("node").estimated_margin_effect
+    columns = [nodes.index(node) for node in sample]
+    top = np.array([i < config["attribution.fidelity_top"] for i in range(len(sample))])
+    everything = torch.cat([s["all_margin"] for s in shards]).numpy()
+    settings = {**config.values["attribution"], "target": "margin", "dtype": dtype}
+    return card_from_effects(estimated.loc[[str(n) for n in sample]].to_numpy(dtype=np.float64),
+                             margin[columns].numpy(), top, n_ranked=len(ranking), top_k=config["attribution.fidelity_top"],
+                             k=min(10, config["attribution.fidelity_top"]), settings=settings,
+                             completeness=completeness_summary(totals.numpy(), everything))
