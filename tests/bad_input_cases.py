@@ -105,7 +105,7 @@ CASES = [
          lambda env: env.pm.RewardModel.from_hf(env.hf, env.tokenizer, device="gpu-zero")),
     Case("load: causal LM object", "ValueError", (r"LlamaForCausalLM", r"LlamaForSequenceClassification"),
          lambda env: env.pm.RewardModel.from_hf(__import__("transformers").LlamaForCausalLM(env.hf.config), env.tokenizer)),
-    Case("load: two labels", "ValueError", (r"num_labels=2", r"one output"),
+    Case("load: two labels without an objective", "ValueError", (r"num_labels=2", r"objective="),
          lambda env: env.pm.RewardModel.from_hf(
              __import__("pm_lens.testing", fromlist=["x"]).tiny_hf_reward_model(num_labels=2), env.tokenizer)),
     Case("model: token id outside the vocabulary", "ValueError", (r"token id 999", r"\[0, 104\)"),
