@@ -142,3 +142,29 @@ def run_fidelity(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], sa
                              margin[columns].numpy(), top, n_ranked=len(ranking), top_k=config["attribution.fidelity_top"],
                              k=min(10, config["attribution.fidelity_top"]), settings=settings,
                              completeness=completeness_summary(totals.numpy(), everything))
+
+
+def worries(card: Any, paths: list[Path], *, kept_below: float = 0.5, spearman_below: float = 0.5) -> list[str]:
+    """What in a run should worry the reader, in plain words with what to do: SAEs that carry
+    little of the margin when spliced in without their error terms, a completeness check whose
+    sum of attributions and exact removal disagree in sign or by more than half, and a ranking
+    whose top features' order the exact effects do not confirm."""
+    shards = [load_file(str(path)) for path in paths]
+    clean = torch.cat([s["clean_chosen"] - s["clean_rejected"] for s in shards]).double().mean()
+    spliced = clean + torch.cat([s["spliced_margin"] for s in shards]).double().mean()
+    found = []
+    if float(clean) != 0 and float(spliced / clean) < kept_below:
+        found.append(f"with the SAEs spliced in (error terms removed) the mean margin is {float(spliced):.3g} of the clean "
+                     f"{float(clean):.3g} ({float(spliced / clean):.0%}): the SAEs miss much of what the PM uses, so features "
+                     "explain at most that part; use better or wider SAEs, or SAEs trained on this PM's activations")
+    done = card.completeness
+    if done is not None:
+        attributed, exact = done["attributed_mean"], done["exact_mean"]
+        if attributed * exact < 0 or abs(attributed - exact) > 0.5 * abs(exact):
+            found.append(f"completeness: the sum of all attributions ({attributed:.3g}) and the exact removal of every node "
+                         f"({exact:.3g}) disagree{' in sign' if attributed * exact < 0 else ''}: the effects are far from "
+                         "linear; trust the exact (confirmed) effects, or use method = 'ig' with more steps")
+    if card.n_top >= 3 and np.isfinite(card.spearman_top) and card.spearman_top < spearman_below:
+        found.append(f"the exact effects reorder the estimated top features (Spearman {card.spearman_top:.2f}): rank by "
+                     "the exact effects in features.csv, or use method = 'ig'")
+    return found

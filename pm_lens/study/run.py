@@ -52,6 +52,7 @@ from pm_lens.study.merge import (
     merge_ablations,
     merge_attributions,
     run_fidelity,
+    worries,
 )
 from pm_lens.study.pairs import check_kept, read_pairs, select_pairs
 
@@ -66,6 +67,7 @@ class StudyResult:
     datapoints: pd.DataFrame
     selection: pd.DataFrame
     card: Any
+    concerns: list[str]
     out: Path
     forward_passes: dict[str, dict[str, int]]
     timings: dict[str, float]
@@ -106,13 +108,14 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
         paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
         features, datapoints = merge_ablations(paths, ranking, nodes, selection, shown=len(confirmed))
         card = run_fidelity(paths, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
+    concerns = worries(card, [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))])
     card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
-    _write_report(out, config, features, datapoints, card)
+    _write_report(out, config, features, datapoints, card, concerns)
     forward_passes = rm.forward_count.since(counted).as_dict()
-    _write_config(out, config, forward_passes, timings, rm)
-    return StudyResult(features, datapoints, selection, card, out, forward_passes, timings)
+    _write_config(out, config, forward_passes, timings, rm, concerns)
+    return StudyResult(features, datapoints, selection, card, concerns, out, forward_passes, timings)
 
 
 def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any) -> None:
@@ -200,9 +203,12 @@ def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[
                                                                     rm.text_format, False))
     result = ablate(rm, pairs, features=nodes, clean=clean, **common)
     everything = ablate(rm, pairs, features="all", clean=clean, **common)
+    # The SAEs spliced in without their error terms: how much of the margin they carry.
+    spliced = ablate(rm, pairs, features=[Node.error(hook) for hook in saes], jointly=True, clean=clean, **common)
     tensors = {"chosen": result.chosen.float().contiguous(), "rejected": result.rejected.float().contiguous(),
                "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float(),
-               "all_margin": everything.margin[:, 0].float().contiguous()}
+               "all_margin": everything.margin[:, 0].float().contiguous(),
+               "spliced_margin": spliced.margin[:, 0].float().contiguous()}
     _save(path, tensors, config, n_pairs=len(pairs), nodes=nodes)
     return False
 
@@ -224,23 +230,28 @@ def _finished(path: Path, config: RunConfig, *, nodes: list[Node] | None = None)
     return nodes is None or json.loads(metadata.get("nodes", "[]")) == [str(n) for n in nodes]
 
 
-def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoints: pd.DataFrame, card: Any) -> None:
+def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoints: pd.DataFrame, card: Any,
+                  concerns: list[str]) -> None:
     from pm_lens.report import write_report
 
     notes = {"Top datapoints": "Per confirmed feature, the pairs where removing it changes the margin "
                                "r(chosen) - r(rejected) most: both sides' rewards before and after, and whether the "
                                "preference flips. Contexts per feature are not in pm-lens run yet."}
+    tables = {"Top datapoints": datapoints}
+    if concerns:
+        tables = {"What to worry about": pd.DataFrame({"concern": concerns}), **tables}
     write_report(out / "report.html", title=f"pm-lens run: {config['model.path']}", settings=config.as_dict(),
-                 features=features, card=card, contexts={}, tables={"Top datapoints": datapoints}, notes=notes)
+                 features=features, card=card, contexts={}, tables=tables, notes=notes)
 
 
-def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any) -> None:
+def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any,
+                  concerns: list[str]) -> None:
     from importlib.metadata import version
 
 
     write_atomic(out / "config.json", json.dumps({
         "config": config.as_dict(), "digest": config.digest(), "dtype": str(rm.cfg.dtype).replace("torch.", ""),
-        "objective": rm.objective,
+        "objective": rm.objective, "concerns": concerns,
         "forward_passes": forward_passes, "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": {**{name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
                      "python": platform.python_version()},
@@ -284,6 +295,8 @@ def print_summary(result: StudyResult) -> None:
               "raises the margin r(chosen) - r(rejected)):")
         print(shown.to_string(index=False))
     print(f"\n{result.card}")
+    for concern in result.concerns:
+        print(f"WORRY: {concern}")
     passes = ", ".join(f"{k} {v['passes']} ({v['sequences']} sequences)" for k, v in result.forward_passes.items())
     print(f"\n{len(result.selection)} pairs; forward passes: {passes}")
     print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, fidelity.json, report.html, config.json")

@@ -95,7 +95,15 @@ def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(s
     everything = ablate(rm, [pairs[i] for i in expected], saes=[sae], features="all", progress=False)
     assert abs(card["completeness"]["exact_mean"] - float(everything.margin.mean())) < 1e-5
     assert card["settings"]["dtype"] == "float32" and card["n_top"] + card["n_random"] > 0
+    # The SAE is random: spliced in without its error term it carries little of the margin, and
+    # the run says so in plain words (config.json, report.html).
+    errors_removed = ablate(rm, [pairs[i] for i in expected], saes=[sae], features=[Node.error(HOOK)], jointly=True,
+                            progress=False)
+    kept = float((errors_removed.clean_margin + errors_removed.margin[:, 0]).mean() / errors_removed.clean_margin.mean())
     recorded = json.loads((out / "config.json").read_text())
+    spliced = [c for c in recorded["concerns"] if c.startswith("with the SAEs spliced in")]
+    assert (len(spliced) == 1) == (kept < 0.5) and (not spliced or f"({kept:.0%})" in spliced[0])
+    assert all(c in (out / "report.html").read_text() for c in recorded["concerns"])
     assert recorded["forward_passes"]["clean"]["sequences"] == 2 * 2 * 6  # each phase runs each side once
     assert recorded["config"]["pairs"]["k"] == 6 and recorded["dtype"] == "float32"
 
