@@ -196,21 +196,28 @@ class SideAblation:
         hook's block (the next one for a block output), recomputing only positions ``start`` up to
         the last row's pooled one."""
         rm, batch = self.rm, self.run.batch
-        layer = rm.hook_layer(hook)
-        if layer is None:
+        if rm.hook_layer(hook) is None:
             return rm.run_with_deltas(batch.tokens[rows], batch.attention_mask[rows], deltas={hook: deltas}).rewards, None
         end = int(self.pooled[rows].max()) + 1  # positions after every row's pooled one change nothing read
-        attention, deltas = batch.attention_mask[rows, :end], deltas[:, :end]
-        restart = rm.run_from_keeping_kv if keep_kv else rm.run_from
-        if rm.is_layer_output(hook):
-            # The delta is the next block's input: start there.
-            layer, x = layer + 1, self.run.nodes[hook].x[rows, :end]
-            args: tuple[Tensor, dict[str, Tensor]] = (x + deltas.reshape(x.shape), {})
-        else:
-            args = (self.run.residuals[layer][rows, :end], {hook: deltas})
+        residual, layer, rest = self._restart_point({hook: deltas[:, :end]}, rows, end)
         where = dict(prefix=prefix, rows=None) if prefix is not None else dict(prefix=self.prefix(layer), rows=rows)
-        result = restart(args[0], attention, layer=layer, deltas=args[1], start=start, **where)
-        return result if keep_kv else (result, None)
+        return rm.restart(residual, batch.attention_mask[rows, :end], layer=layer, deltas=rest, start=start,
+                          keep_kv=keep_kv, **where)
+
+    def _restart_point(self, deltas: dict[str, Any], rows: Tensor | slice = slice(None),
+                       end: int | None = None) -> tuple[Tensor, int, dict[str, Any]]:
+        """Where a run with ``deltas`` (at hooks inside the blocks; for ``rows`` and positions up to
+        ``end``) restarts from the clean run: the input of the first hook's block, or for a block
+        output that output with its delta added, as the next block's input; the block; and the
+        deltas left for later hooks."""
+        rm = self.rm
+        first = min(deltas, key=lambda hook: rm.hook_layer(hook) + rm.is_layer_output(hook))
+        layer = rm.hook_layer(first)
+        if not rm.is_layer_output(first):
+            return self.run.residuals[layer][rows, :end], layer, deltas
+        x, delta = self.run.nodes[first].x[rows, :end], deltas[first]
+        residual = x + (delta(x) if callable(delta) else delta).reshape(x.shape)
+        return residual, layer + 1, {hook: d for hook, d in deltas.items() if hook != first}
 
     def prefix(self, layer: int) -> PrefixKV | None:
         """This side's clean keys and values of blocks ``layer`` on: the clean run's, or (one extra
@@ -264,17 +271,8 @@ class SideAblation:
         with ``prefix`` only from position ``start`` on; with ``keep_kv``, also the run's keys and
         values (None when a hook is outside the blocks and the whole model reran)."""
         rm, batch = self.rm, self.run.batch
-        layers = {hook: rm.hook_layer(hook) for hook in deltas}
-        if any(layer is None for layer in layers.values()):
+        if any(rm.hook_layer(hook) is None for hook in deltas):
             return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards, None
-        first = min(deltas, key=lambda hook: layers[hook] + rm.is_layer_output(hook))
-        layer = layers[first]
-        if rm.is_layer_output(first):
-            x, delta = self.run.nodes[first].x, deltas[first]
-            residual = x + (delta(x) if callable(delta) else delta).reshape(x.shape)
-            layer, deltas = layer + 1, {hook: delta for hook, delta in deltas.items() if hook != first}
-        else:
-            residual = self.run.residuals[layer]
-        restart = rm.run_from_keeping_kv if keep_kv else rm.run_from
-        result = restart(residual, batch.attention_mask, layer=layer, deltas=deltas, prefix=prefix, start=start)
-        return result if keep_kv else (result, None)
+        residual, layer, rest = self._restart_point(deltas)
+        return rm.restart(residual, batch.attention_mask, layer=layer, deltas=rest, prefix=prefix, start=start,
+                          keep_kv=keep_kv)

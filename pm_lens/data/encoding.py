@@ -175,7 +175,7 @@ def encode_completions(
     check_text_format(text_format)
     rows, starts, cut = [], [], 0
     for index, (prompt, completion) in enumerate(zip(prompts, completions)):
-        ids, start = _encode_one(tokenizer, prompt, completion, text_format)
+        ids, start = encode_one(tokenizer, prompt, completion, text_format)
         if _too_long(ids, max_len, truncate, index, "the start of the prompt"):
             ids, start, cut = ids[-max_len:], max(0, start - (len(ids) - max_len)), cut + 1
         rows.append(ids)
@@ -247,7 +247,7 @@ def encode_pairs(
     )
 
 
-def _encode_one(tokenizer: Any, prompt: str, completion: str, text_format: str) -> tuple[list[int], int]:
+def encode_one(tokenizer: Any, prompt: str, completion: str, text_format: str) -> tuple[list[int], int]:
     """Token ids of the formatted text and the index of the first completion token."""
     text = format_text(tokenizer, prompt, completion, text_format=text_format)
     add_special = adds_special_tokens(tokenizer, prompt, text_format)

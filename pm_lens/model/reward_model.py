@@ -49,7 +49,7 @@ from pm_lens.model.architectures import (
 )
 from pm_lens.model.attention import fast_attention_enabled, set_fast_attention
 from pm_lens.model.placement import as_device, as_dtype
-from pm_lens.model.runs import ModelRuns, final_positions
+from pm_lens.model.runs import ModelRuns
 
 
 @dataclass(frozen=True)
@@ -314,8 +314,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         if attention_mask is None and self.pad_token_id is not None and (tokens == self.pad_token_id).any():
             attention_mask = (tokens != self.pad_token_id).long()
         per_position = self(tokens, attention_mask=attention_mask, past_kv_cache=past_kv_cache)[..., 0]
-        pos = final_positions(tokens, attention_mask, self.pad_token_id)
-        rewards = per_position.gather(1, pos[:, None])[:, 0]
+        rewards = self.pool(per_position, attention_mask, tokens)
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         if bad:
             raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")

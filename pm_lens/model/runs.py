@@ -201,9 +201,15 @@ class ModelRuns:
 
     # ---- runs -----------------------------------------------------------------------------------
 
-    def pool(self, per_position: Float[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
-        """The reward of each row: ``per_position`` at the last attended position."""
-        return per_position.gather(1, final_positions(None, attention_mask)[:, None])[:, 0]
+    def pool(
+        self,
+        per_position: Float[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, " batch"]:
+        """The reward of each row: ``per_position`` at its pooled position (:func:`final_positions`:
+        the last attended one, or without a mask the last non-pad token)."""
+        return per_position.gather(1, final_positions(tokens, attention_mask, self.pad_token_id)[:, None])[:, 0]
 
     def run_with_deltas(
         self,
@@ -256,9 +262,9 @@ class ModelRuns:
         ``start`` (causal attention then leaves those positions as they were), and attention reads
         the cached clean keys and values there. Right-padded batches only.
         """
-        return self._restart(residual, attention_mask, layer, deltas, prefix, rows, start, keep_kv=False)[0]
+        return self.restart(residual, attention_mask, layer=layer, deltas=deltas, prefix=prefix, rows=rows, start=start)[0]
 
-    def run_from_keeping_kv(
+    def restart(
         self,
         residual: Float[Tensor, "batch pos d_model"],
         attention_mask: Int[Tensor, "batch pos"],
@@ -268,15 +274,11 @@ class ModelRuns:
         prefix: PrefixKV | None = None,
         rows: Tensor | None = None,
         start: int = 0,
-    ) -> tuple[Float[Tensor, " batch"], PrefixKV]:
-        """:meth:`run_from`, also returning this run's keys and values of blocks ``layer`` on at
-        every position (the prefix's before ``start``, the recomputed ones after): the prefix of
-        another row whose input agrees with this one's up to some position."""
-        rewards, kv = self._restart(residual, attention_mask, layer, deltas, prefix, rows, start, keep_kv=True)
-        return rewards, kv
-
-    def _restart(self, residual: Tensor, attention_mask: Tensor, layer: int, deltas: Mapping[str, Delta] | None,
-                 prefix: PrefixKV | None, rows: Tensor | None, start: int, *, keep_kv: bool) -> tuple[Tensor, Any]:
+        keep_kv: bool = False,
+    ) -> tuple[Float[Tensor, " batch"], PrefixKV | None]:
+        """:meth:`run_from`, and with ``keep_kv`` this run's keys and values of blocks ``layer`` on
+        at every position (the prefix's before ``start``, the recomputed ones after): the prefix of
+        another row whose input agrees with this one's up to some position. Without, None."""
         deltas = dict(deltas or {})
         cache = None
         if prefix is not None and start > 0:

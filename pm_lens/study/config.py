@@ -191,8 +191,9 @@ def _check_paths(config: RunConfig) -> None:
     for source in config["saes.sources"]:
         if source != DEMO and not Path(source).exists():
             raise ValueError(f"saes.sources: {source!r} does not exist (give SAE folders or checkpoint files, or 'demo')")
-    if (config["model.path"] == DEMO) != (config["saes.sources"] == [DEMO]) and DEMO in config["saes.sources"]:
-        raise ValueError("saes.sources 'demo' are the embedded demo PM's SAEs: use them with model.path = 'demo'")
+    if DEMO in config["saes.sources"] and (model != DEMO or len(config["saes.sources"]) > 1):
+        raise ValueError(f"saes.sources {config['saes.sources']!r}: 'demo' means the embedded demo PM's SAEs, alone and "
+                         "with model.path = 'demo'")
 
 
 assert len({key.option for key in KEYS}) == len(KEYS), "two keys share a flag"

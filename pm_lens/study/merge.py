@@ -82,15 +82,20 @@ def confirmed_nodes(ranking: pd.DataFrame, top: int) -> list[Node]:
     return [Node.parse(name) for name in [*raising.node, *lowering.node]]
 
 
-def merge_ablations(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], selection: pd.DataFrame,
+def load_ablations(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The confirmation shards, each tensor concatenated over the pairs of all of them
+    (``chosen``/``rejected`` ``[n_pairs, n_nodes]``, clean rewards, ``all_margin``,
+    ``spliced_margin`` ``[n_pairs]``): small, read once."""
+    shards = [load_file(str(path)) for path in paths]
+    return {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+
+
+def merge_ablations(ablations: dict[str, torch.Tensor], ranking: pd.DataFrame, nodes: list[Node], selection: pd.DataFrame,
                     *, shown: int, per_feature: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``features.csv`` (one row per confirmed feature: the first ``shown`` of ``nodes``) and
-    ``top_datapoints.csv`` from the shards."""
-    shards = [load_file(str(path)) for path in paths]
-    chosen = torch.cat([s["chosen"] for s in shards])
-    rejected = torch.cat([s["rejected"] for s in shards])
-    clean_chosen = torch.cat([s["clean_chosen"] for s in shards])
-    clean_rejected = torch.cat([s["clean_rejected"] for s in shards])
+    ``top_datapoints.csv`` from the confirmation shards (:func:`load_ablations`)."""
+    chosen, rejected = ablations["chosen"], ablations["rejected"]
+    clean_chosen, clean_rejected = ablations["clean_chosen"], ablations["clean_rejected"]
     margin = chosen - rejected
     estimated = ranking.set_index("node")
     rows, points = [], []
@@ -125,18 +130,17 @@ def fidelity_nodes(ranking: pd.DataFrame, top: int, n_random: int, seed: int) ->
     return [Node.parse(name) for name in [*ranking.node.iloc[:top], *(rest[i] for i in sorted(drawn))]]
 
 
-def run_fidelity(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], sample: list[Node], totals: torch.Tensor,
-                 config: RunConfig, dtype: str) -> Any:
+def run_fidelity(ablations: dict[str, torch.Tensor], ranking: pd.DataFrame, nodes: list[Node], sample: list[Node],
+                 totals: torch.Tensor, config: RunConfig, dtype: str) -> Any:
     """The fidelity card of the run: estimated against exact mean margin effects of ``sample``,
     and the sum of all attributions against removing every node (completeness)."""
     from pm_lens.attribution.fidelity import card_from_effects, completeness_summary
 
-    shards = [load_file(str(path)) for path in paths]
-    margin = torch.cat([s["chosen"] - s["rejected"] for s in shards]).double().mean(0)
+    margin = (ablations["chosen"] - ablations["rejected"]).double().mean(0)
     estimated = ranking.set_index("node").estimated_margin_effect
     columns = [nodes.index(node) for node in sample]
     top = np.array([i < config["attribution.fidelity_top"] for i in range(len(sample))])
-    everything = torch.cat([s["all_margin"] for s in shards]).numpy()
+    everything = ablations["all_margin"].numpy()
     settings = {**config.values["attribution"], "target": "margin", "dtype": dtype}
     return card_from_effects(estimated.loc[[str(n) for n in sample]].to_numpy(dtype=np.float64),
                              margin[columns].numpy(), top, n_ranked=len(ranking), top_k=config["attribution.fidelity_top"],
@@ -144,14 +148,14 @@ def run_fidelity(paths: list[Path], ranking: pd.DataFrame, nodes: list[Node], sa
                              completeness=completeness_summary(totals.numpy(), everything))
 
 
-def worries(card: Any, paths: list[Path], *, kept_below: float = 0.5, spearman_below: float = 0.5) -> list[str]:
+def worries(card: Any, ablations: dict[str, torch.Tensor], *, kept_below: float = 0.5,
+            spearman_below: float = 0.5) -> list[str]:
     """What in a run should worry the reader, in plain words with what to do: SAEs that carry
     little of the margin when spliced in without their error terms, a completeness check whose
     sum of attributions and exact removal disagree in sign or by more than half, and a ranking
     whose top features' order the exact effects do not confirm."""
-    shards = [load_file(str(path)) for path in paths]
-    clean = torch.cat([s["clean_chosen"] - s["clean_rejected"] for s in shards]).double().mean()
-    spliced = clean + torch.cat([s["spliced_margin"] for s in shards]).double().mean()
+    clean = (ablations["clean_chosen"] - ablations["clean_rejected"]).double().mean()
+    spliced = clean + ablations["spliced_margin"].double().mean()
     found = []
     if float(clean) != 0 and float(spliced / clean) < kept_below:
         found.append(f"with the SAEs spliced in (error terms removed) the mean margin is {float(spliced):.3g} of the clean "

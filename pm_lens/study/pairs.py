@@ -30,9 +30,9 @@ def read_pairs(config: RunConfig) -> list[PreferencePair]:
 
 def pair_lengths(tokenizer: Any, text_format: str, pairs: list[PreferencePair]) -> np.ndarray:
     """``[n_pairs]`` the token length of each pair's longer side, as the model will see it."""
-    from pm_lens.data.encoding import _encode_one
+    from pm_lens.data.encoding import encode_one
 
-    return np.array([max(len(_encode_one(tokenizer, p.prompt, text, text_format)[0]) for text in (p.chosen, p.rejected))
+    return np.array([max(len(encode_one(tokenizer, p.prompt, text, text_format)[0]) for text in (p.chosen, p.rejected))
                      for p in pairs], dtype=np.int64)
 
 

@@ -49,6 +49,7 @@ from pm_lens.study.config import DEMO, RunConfig
 from pm_lens.study.merge import (
     confirmed_nodes,
     fidelity_nodes,
+    load_ablations,
     merge_ablations,
     merge_attributions,
     run_fidelity,
@@ -105,10 +106,10 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     with _timed(timings, "confirm"):
         _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
             rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors"))
-        paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
-        features, datapoints = merge_ablations(paths, ranking, nodes, selection, shown=len(confirmed))
-        card = run_fidelity(paths, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
-    concerns = worries(card, [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))])
+        ablations = load_ablations([out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))])
+        features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
+        card = run_fidelity(ablations, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
+    concerns = worries(card, ablations)
     card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))

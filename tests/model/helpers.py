@@ -5,6 +5,15 @@ from safetensors.torch import load_file, save_file
 
 from pm_lens.testing import CHAR_VOCAB
 
+# Texts whose rewards parity tests compare: plain, short, repeated phrases, a URL.
+TEXTS = [
+    "The capital of France is Paris.",
+    "I don't know.",
+    "Thank you. No problem. My pleasure. You're welcome.",
+    "Hi",
+    "See http://example.com for more details on this question.",
+]
+
 # Tiny causal LMs as people save them: transformers' default config, so num_labels=2 unless set.
 CAUSAL_LMS = {
     "LlamaForCausalLM": ("LlamaConfig", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

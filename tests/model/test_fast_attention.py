@@ -20,14 +20,8 @@ from pm_lens import RewardModel
 from pm_lens.model import attention
 from pm_lens.model.attention import SdpaAttention, SdpaGroupedQueryAttention, sdpa_mask, sdpa_z
 from pm_lens.testing import TINY_CONFIGS, tiny_hf_reward_model
+from tests.model.helpers import TEXTS
 
-TEXTS = [
-    "The capital of France is Paris.",
-    "I don't know.",
-    "Thank you. No problem. My pleasure. You're welcome.",
-    "Hi",
-    "See http://example.com for more details on this question.",
-]
 TOL = 1e-4  # the parity tolerance of tests/model/test_parity.py
 GEMMA2, MISTRAL = "Gemma2ForSequenceClassification", "MistralForSequenceClassification"
 LLAMA = "LlamaForSequenceClassification"

@@ -7,14 +7,7 @@ from pm_lens import RewardModel
 from pm_lens.data import encode_completions
 from pm_lens.model import ARCHITECTURES
 from pm_lens.testing import tiny_hf_reward_model
-
-TEXTS = [
-    "The capital of France is Paris.",
-    "I don't know.",
-    "Thank you. No problem. My pleasure. You're welcome.",
-    "Hi",
-    "See http://example.com for more details on this question.",
-]
+from tests.model.helpers import TEXTS
 
 # (architecture, config overrides): every architecture, plus the variants that change the maths.
 CASES = [(arch, {}) for arch in ARCHITECTURES] + [

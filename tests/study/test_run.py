@@ -10,7 +10,7 @@ import torch
 from pm_lens import Node, RewardModel, ablate, score_pairs
 from pm_lens.cli import main
 from pm_lens.data import encode_pairs, load_pairs
-from pm_lens.data.encoding import _encode_one
+from pm_lens.data.encoding import encode_one
 from pm_lens.testing import sparse_sae_for, tiny_hf_reward_model
 
 HOOK = "blocks.1.hook_resid_post"
@@ -67,7 +67,7 @@ def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(s
     rm = RewardModel.from_pretrained(study["model_dir"])
     pairs = study["pairs"]
     # Selection: exactly the top 6 by |margin| among the pairs whose sides fit in 60 tokens.
-    lengths = [max(len(_encode_one(rm.tokenizer, p.prompt, t, rm.text_format)[0]) for t in (p.chosen, p.rejected))
+    lengths = [max(len(encode_one(rm.tokenizer, p.prompt, t, rm.text_format)[0]) for t in (p.chosen, p.rejected))
                for p in pairs]
     kept = [i for i, n in enumerate(lengths) if n <= 100]
     assert 6 < len(kept) < len(pairs)  # the long pairs were left out, and the selection is a real choice
@@ -154,6 +154,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     ("", ["--model", "/no/such/folder"], "model.path '/no/such/folder' is not a folder"),
     ("", ["--pairs", "/no/such.jsonl"], "pairs.path '/no/such.jsonl' does not exist"),
     ("", ["--saes", "/no/sae"], "saes.sources: '/no/sae' does not exist"),
+    ("", ["--saes", "demo"], "'demo' means the embedded demo PM's SAEs, alone and with model.path = 'demo'"),
     ("", ["--chosen-column", "answer"], "has no column chosen: 'answer'"),
     ("", ["--baseline", "mean"], "attribution.baseline must be one of 'zero'"),
 ])
