@@ -128,40 +128,33 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         """
         device = None if device is None else as_device(device)
         dtype = None if dtype is None else as_dtype(dtype)
-        hf_config = hf_model.config
         architecture = type(hf_model).__name__
         spec = spec_for(architecture)
         weights = objective_weights(objective, hf_model.score.out_features, architecture)
         param = next(hf_model.parameters())
-        fields = spec.tl_config(hf_config)
-        fields["n_ctx"] = n_ctx or min(fields["n_ctx"], DEFAULT_MAX_N_CTX)
-        cfg = HookedTransformerConfig(
-            **fields,
-            d_vocab_out=1,
-            original_architecture=architecture,
-            device=str(device or param.device),
-            dtype=dtype or param.dtype,
-            default_prepend_bos=False,
-        )
+        cfg = _tl_config(hf_model.config, architecture, n_ctx=n_ctx, device=device or param.device,
+                         dtype=dtype or param.dtype)
         model = cls(cfg, move_to_device=True)
         state_dict = _reward_state_dict(hf_model, spec, cfg, weights)
-        processing = WeightProcessing(
-            fold_ln=fold_ln and spec.processing["fold_ln"],
-            center_writing_weights=center_writing_weights and spec.processing["center_writing_weights"],
-            fold_value_biases=fold_value_biases and spec.processing["fold_value_biases"],
-        )
+        processing = _processing(spec, fold_ln, center_writing_weights, fold_value_biases)
         model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **processing.as_dict())
-        _store_as_forward_reads(model)
-        model.unembed.__class__ = Float32Head
-        model.use_fast_attention = True  # fast attention: SDPA where exact (pm_lens.model.attention)
-        model.processing = processing
-        model.hf_architecture = architecture
-        model.objective = None if weights is None else (objective if isinstance(objective, int) else list(map(float, objective)))
-        model.pad_token_id = hf_config.pad_token_id
+        return model._finish(processing, architecture, objective if weights is not None else None,
+                             hf_model.config, tokenizer)
+
+    def _finish(self, processing: WeightProcessing, architecture: str, objective: Any, hf_config: Any,
+                tokenizer: Any) -> "RewardModel":
+        """The steps after the weights are in, shared by :meth:`from_hf` and the streamed load."""
+        _store_as_forward_reads(self)
+        self.unembed.__class__ = Float32Head
+        self.use_fast_attention = True  # fast attention: SDPA where exact (pm_lens.model.attention)
+        self.processing = processing
+        self.hf_architecture = architecture
+        self.objective = None if objective is None else (objective if isinstance(objective, int) else list(map(float, objective)))
+        self.pad_token_id = hf_config.pad_token_id
         if tokenizer is not None:
-            model.set_reward_tokenizer(tokenizer)
-        model.eval()
-        return model
+            self.set_reward_tokenizer(tokenizer)
+        self.eval()
+        return self
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -172,6 +165,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         dtype: str | torch.dtype | None = None,
         n_ctx: int | None = None,
         local_files_only: bool | None = None,
+        stream: bool = True,
         **from_hf_kwargs: Any,
     ) -> "RewardModel":
         """Load a reward model through transformers, check it, then convert it with :meth:`from_hf`.
@@ -184,6 +178,12 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         weights transformers would initialise at random raises a ``ValueError`` naming the path
         and the missing keys, and a causal LM is called one. To put a random head on a causal LM
         on purpose, load it with transformers (``num_labels=1``) and pass it to :meth:`from_hf`.
+
+        A local folder with safetensors weights is read one layer at a time and each piece goes
+        straight to ``device`` (:mod:`pm_lens.model.streaming`): peak memory is the weights plus
+        one layer, not the two to three copies of loading through transformers and converting.
+        ``stream=False`` (or a folder the streaming reader cannot take) loads through transformers.
+        ``from_hf_kwargs`` (weight processing, ``objective``) are :meth:`from_hf`'s.
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -202,16 +202,42 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         spec_for(_classifier_name(config))
         if from_hf_kwargs.get("objective") is not None:  # checked before the weights are read
             objective_weights(from_hf_kwargs["objective"], getattr(config, "num_labels", 1), path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+        except (OSError, ValueError):
+            tokenizer = None
+        if Path(path).is_dir() and stream:
+            model = cls._streamed(path, config, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
+            if model is not None:
+                return model
         hf_model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, local_files_only=local_files_only, dtype=dtype or torch.float32,
             output_loading_info=True,
         )
         _check_all_weights_loaded(path, config, loading_info)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-        except (OSError, ValueError):
-            tokenizer = None
         return cls.from_hf(hf_model, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
+
+    @classmethod
+    def _streamed(cls, path: str, hf_config: Any, tokenizer: Any, *, device: torch.device | None,
+                  dtype: torch.dtype | None, n_ctx: int | None, fold_ln: bool = True,
+                  center_writing_weights: bool = True, fold_value_biases: bool = True,
+                  objective: int | Sequence[float] | None = None) -> "RewardModel | None":
+        """The folder loaded layer by layer (:mod:`pm_lens.model.streaming`), or ``None`` when it
+        cannot be streamed and must go through transformers."""
+        from pm_lens.model.streaming import stream_reward_model
+
+        if objective is None and getattr(hf_config, "num_labels", 1) != 1:
+            return None  # a causal LM's default two labels, or a head needing objective=: transformers names which
+        architecture = _classifier_name(hf_config)
+        spec = spec_for(architecture)
+        weights = objective_weights(objective, getattr(hf_config, "num_labels", 1), path)
+        cfg = _tl_config(hf_config, architecture, n_ctx=n_ctx, device=device or torch.device("cpu"),
+                         dtype=dtype or torch.float32)
+        processing = _processing(spec, fold_ln, center_writing_weights, fold_value_biases)
+        model = stream_reward_model(cls, path, hf_config, spec, cfg, processing.as_dict(), weights)
+        if model is None:
+            return None
+        return model._finish(processing, architecture, objective if weights is not None else None, hf_config, tokenizer)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "RewardModel":
         """An independent copy: its weights, attributes (``processing``, ``hf_architecture``,
@@ -440,13 +466,27 @@ def objective_weights(objective: Any, n_outputs: int, architecture: str = "the m
     return weights
 
 
-def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransformerConfig,
-                       weights: Tensor | None = None) -> dict[str, Tensor]:
-    """TransformerLens state dict of the body, with the ``score`` head as the unembedding (folded
-    to one column by ``weights`` when the head has several outputs)."""
+def _tl_config(hf_config: Any, architecture: str, *, n_ctx: int | None, device: torch.device | str,
+               dtype: torch.dtype) -> HookedTransformerConfig:
+    """The TransformerLens config of a reward model: the body's fields and a one-column unembedding."""
+    fields = spec_for(architecture).tl_config(hf_config)
+    fields["n_ctx"] = n_ctx or min(fields["n_ctx"], DEFAULT_MAX_N_CTX)
+    return HookedTransformerConfig(**fields, d_vocab_out=1, original_architecture=architecture, device=str(device),
+                                   dtype=dtype, default_prepend_bos=False)
+
+
+def _processing(spec: Any, fold_ln: bool, center_writing_weights: bool, fold_value_biases: bool) -> WeightProcessing:
+    return WeightProcessing(
+        fold_ln=fold_ln and spec.processing["fold_ln"],
+        center_writing_weights=center_writing_weights and spec.processing["center_writing_weights"],
+        fold_value_biases=fold_value_biases and spec.processing["fold_value_biases"],
+    )
+
+
+def head_state(score: torch.nn.Module, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The unembedding ``(W_U [d_model, 1], b_U [1])`` of the reward head ``score`` (a Linear with
+    ``n_outputs`` outputs), folded to one column by ``weights`` (``[n_outputs]``) when given."""
     with torch.no_grad():
-        state_dict = spec.convert(causal_lm_view(hf_model, spec), cfg)
-        score = getattr(hf_model, HEAD_ATTR)
         W_U = score.weight.T.clone()
         b_U = score.bias.clone() if score.bias is not None else torch.zeros(score.out_features, dtype=score.weight.dtype,
                                                                              device=score.weight.device)
@@ -454,7 +494,16 @@ def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransfor
             w = weights.to(W_U.device)
             W_U = (W_U.double() @ w[:, None]).to(score.weight.dtype)
             b_U = (b_U.double() @ w).reshape(1).to(score.weight.dtype)
-        state_dict["unembed.W_U"], state_dict["unembed.b_U"] = W_U, b_U
+    return W_U, b_U
+
+
+def _reward_state_dict(hf_model: torch.nn.Module, spec: Any, cfg: HookedTransformerConfig,
+                       weights: Tensor | None = None) -> dict[str, Tensor]:
+    """TransformerLens state dict of the body, with the ``score`` head as the unembedding (folded
+    to one column by ``weights`` when the head has several outputs)."""
+    with torch.no_grad():
+        state_dict = spec.convert(causal_lm_view(hf_model, spec), cfg)
+        state_dict["unembed.W_U"], state_dict["unembed.b_U"] = head_state(getattr(hf_model, HEAD_ATTR), weights)
     bad = [name for name, w in state_dict.items() if w.is_floating_point() and not torch.isfinite(w).all()]
     if bad:
         raise ValueError(f"the reward model has NaN or infinite weights in {_some(bad)}")
