@@ -224,7 +224,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
                   objective: int | Sequence[float] | None = None) -> "RewardModel | None":
         """The folder loaded layer by layer (:mod:`pm_lens.model.streaming`), or ``None`` when it
         cannot be streamed and must go through transformers."""
-        from pm_lens.model.streaming import stream_reward_model
+        from pm_lens.model.streaming import give_back_freed_memory, stream_reward_model
 
         if objective is None and getattr(hf_config, "num_labels", 1) != 1:
             return None  # a causal LM's default two labels, or a head needing objective=: transformers names which
@@ -237,7 +237,9 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         model = stream_reward_model(cls, path, hf_config, spec, cfg, processing.as_dict(), weights)
         if model is None:
             return None
-        return model._finish(processing, architecture, objective if weights is not None else None, hf_config, tokenizer)
+        model = model._finish(processing, architecture, objective if weights is not None else None, hf_config, tokenizer)
+        give_back_freed_memory()  # what the layout change of _finish freed
+        return model
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "RewardModel":
         """An independent copy: its weights, attributes (``processing``, ``hf_architecture``,

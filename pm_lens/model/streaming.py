@@ -82,18 +82,19 @@ class Checkpoint:
                 out[name] = handles[path].get_tensor(name).to(torch.float32)
         return out
 
-    def read_rows(self, name: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of a 2-D tensor, as float32."""
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+        """``start:stop`` along ``dim`` of a tensor, as float32 (only that slice is read)."""
         from safetensors import safe_open
 
         with safe_open(self.files[name], framework="pt") as f:
-            return f.get_slice(name)[start:stop].to(torch.float32)
+            index = (slice(None),) * dim + (slice(start, stop),)
+            return f.get_slice(name)[index].to(torch.float32)
 
-    def rows(self, name: str) -> int:
+    def shape(self, name: str) -> list[int]:
         from safetensors import safe_open
 
         with safe_open(self.files[name], framework="pt") as f:
-            return f.get_slice(name).get_shape()[0]
+            return f.get_slice(name).get_shape()
 
 
 def stream_reward_model(model_cls: type, path: str | Path, hf_config: Any, spec: ArchitectureSpec, cfg: Any,
@@ -127,12 +128,35 @@ def stream_reward_model(model_cls: type, path: str | Path, hf_config: Any, spec:
     _swap_folded_norms(model, processing)
     body = getattr(hf_model, spec.body_attr)
     layers_attr = _layers_attr(body, cfg.n_layers)
-    for piece in _pieces(checkpoint, hf_model, spec, body, layers_attr, model.cfg, processing, head_weights):
-        _assign(model, piece, dtype, device)
+    for piece, offsets in _pieces(checkpoint, hf_model, spec, body, layers_attr, model.cfg, processing, head_weights):
+        _assign(model, piece, offsets, dtype, device)
+        del piece
+        give_back_freed_memory()
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"streaming {path} left parameters unloaded: {', '.join(left[:5])}")
     return model.to(device)  # the buffers (the parameters are there already)
+
+
+def give_back_freed_memory() -> None:
+    """Return the C heap's freed pages to the system (glibc's ``malloc_trim``). Tensors of a few
+    MiB are allocated on the heap; freed one piece after another they fragment it, and the
+    process would keep ~20% of the weights' size in freed memory. No-op where there is no glibc."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _load_malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
 
 
 def _swap_folded_norms(model: Any, processing: dict[str, bool]) -> None:
@@ -171,19 +195,40 @@ class _BodyWith(torch.nn.Module):
 
 def _pieces(checkpoint: Checkpoint, hf_model: torch.nn.Module, spec: ArchitectureSpec, body: torch.nn.Module,
             layers_attr: str, cfg: Any, processing: dict[str, bool],
-            head_weights: Tensor | None) -> Iterator[dict[str, Tensor]]:
-    """Processed TransformerLens state-dict pieces (float32, CPU): each layer, then the embedding
-    in row chunks, the first with the final norm, positional embedding and reward head."""
-    layers = getattr(body, layers_attr)
-    for index, layer in enumerate(layers):
+            head_weights: Tensor | None) -> Iterator[tuple[dict[str, Tensor], dict[str, int]]]:
+    """Processed TransformerLens state-dict pieces (float32, CPU) with, for tensors that are a
+    slice of a parameter, the slice's offset: each layer with its MLP in slices along ``d_mlp``,
+    then the embedding in row slices, the first with the final norm, positional embedding and head."""
+    for index, layer in enumerate(getattr(body, layers_attr)):
         prefix = f"{spec.body_attr}.{layers_attr}.{index}."
-        _materialise(layer, checkpoint, prefix)
+        mlp = getattr(layer, "mlp", None)
+        sliced = _mlp_slices(mlp, cfg.d_mlp) if mlp is not None else None
+        _materialise(layer, checkpoint, prefix, recurse=False)
+        whole = [module for name, module in layer.named_children() if sliced is None or name != "mlp"]
+        for module in whole:
+            _materialise(module, checkpoint, prefix + _name_in(layer, module) + ".")
+        step = cfg.d_mlp if sliced is None else max(1, CHUNK_ELEMENTS // (3 * cfg.d_model))
         try:
-            converted = _convert(hf_model, spec, body, layers_attr, [layer], cfg, n_layers=1, head_weights=None)
+            for start in range(0, cfg.d_mlp, step):
+                stop = min(start + step, cfg.d_mlp)
+                if sliced is not None:
+                    _materialise_slice(mlp, checkpoint, prefix + "mlp.", sliced, start, stop)
+                converted = _convert(hf_model, spec, body, layers_attr, [layer], cfg, n_layers=1, d_mlp=stop - start)
+                processed = _process(converted, cfg, processing, n_layers=1, d_mlp=stop - start)
+                del converted
+                piece, offsets = {}, {}
+                for key, value in processed.items():
+                    if not key.startswith("blocks.0."):
+                        continue
+                    name = f"blocks.{index}." + key.removeprefix("blocks.0.")
+                    partial = key.startswith("blocks.0.mlp.") and cfg.d_mlp in _full_shape(cfg, key) and stop - start < cfg.d_mlp
+                    if partial:
+                        piece[name], offsets[name] = value, start
+                    elif start == 0:
+                        piece[name] = value
+                yield piece, offsets
         finally:
             layer.to("meta")
-        yield {f"blocks.{index}." + key.removeprefix("blocks.0."): value for key, value in
-               _process(converted, cfg, processing, n_layers=1).items() if key.startswith("blocks.0.")}
 
     # Everything outside the layers: embedding, positional embedding, final norm, head.
     outside = {name: module for name, module in hf_model.named_modules()
@@ -193,17 +238,17 @@ def _pieces(checkpoint: Checkpoint, hf_model: torch.nn.Module, spec: Architectur
     for name, module in outside.items():
         if module is not embedding and list(module.parameters(recurse=False)):
             _materialise(module, checkpoint, name + ".", recurse=False)
-    n_rows = checkpoint.rows(embed_name)
+    n_rows = checkpoint.shape(embed_name)[0]
     step = max(1, CHUNK_ELEMENTS // cfg.d_model)
     for start in range(0, n_rows, step):
-        rows = checkpoint.read_rows(embed_name, start, min(start + step, n_rows))
+        rows = checkpoint.read_slice(embed_name, 0, start, min(start + step, n_rows))
         embedding._parameters["weight"] = torch.nn.Parameter(rows, requires_grad=False)
         converted = _convert(hf_model, spec, body, layers_attr, [], cfg, n_layers=0, head_weights=head_weights)
         processed = _process(converted, cfg, processing, n_layers=0)
-        chunk = {"embed.W_E": processed["embed.W_E"], "_rows": torch.tensor([start, n_rows])}
         if start == 0:
-            chunk |= {key: value for key, value in processed.items() if key != "embed.W_E"}
-        yield chunk
+            yield processed, {"embed.W_E": 0}
+        else:
+            yield {"embed.W_E": processed["embed.W_E"]}, {"embed.W_E": start}
     hf_model.to("meta")
 
 
@@ -222,13 +267,54 @@ def _materialise(module: torch.nn.Module, checkpoint: Checkpoint, prefix: str, r
             owner._buffers[leaf] = value
 
 
+def _name_in(parent: torch.nn.Module, child: torch.nn.Module) -> str:
+    return next(name for name, module in parent.named_children() if module is child)
+
+
+def _mlp_slices(mlp: torch.nn.Module, d_mlp: int) -> dict[str, int] | None:
+    """For each parameter of the HF MLP, the dimension of length ``d_mlp`` to slice (absent: not
+    sliced, e.g. the output bias), or ``None`` when some parameter has that length twice (square
+    MLP weights: which dimension is ``d_mlp`` is ambiguous, so the MLP is read whole)."""
+    dims = {}
+    for name, param in mlp.named_parameters():
+        hits = [d for d, n in enumerate(param.shape) if n == d_mlp]
+        if len(hits) > 1:
+            return None
+        if hits:
+            dims[name] = hits[0]
+    return dims
+
+
+def _full_shape(cfg: Any, key: str) -> tuple[int, ...]:
+    """The shape of a TransformerLens MLP parameter (``blocks.0.mlp.<leaf>``) in the whole model."""
+    leaf = key.rpartition(".")[2]
+    return {"W_in": (cfg.d_model, cfg.d_mlp), "W_gate": (cfg.d_model, cfg.d_mlp), "b_in": (cfg.d_mlp,),
+            "W_out": (cfg.d_mlp, cfg.d_model), "b_out": (cfg.d_model,)}.get(leaf, ())
+
+
+def _materialise_slice(mlp: torch.nn.Module, checkpoint: Checkpoint, prefix: str, sliced: dict[str, int],
+                       start: int, stop: int) -> None:
+    """Give the HF MLP the slice ``start:stop`` along ``d_mlp`` of its parameters (others whole)."""
+    for name, param in list(mlp.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = mlp.get_submodule(owner_name) if owner_name else mlp
+        if name in sliced:
+            value = checkpoint.read_slice(prefix + name, sliced[name], start, stop)
+        elif param.is_meta:
+            value = checkpoint.read([prefix + name])[prefix + name]
+        else:
+            continue
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
 def _convert(hf_model: torch.nn.Module, spec: ArchitectureSpec, body: torch.nn.Module, layers_attr: str,
-             layers: list[torch.nn.Module], cfg: Any, *, n_layers: int, head_weights: Tensor | None) -> dict[str, Tensor]:
+             layers: list[torch.nn.Module], cfg: Any, *, n_layers: int, head_weights: Tensor | None = None,
+             d_mlp: int | None = None) -> dict[str, Tensor]:
     """TransformerLens's converter run on the body with only ``layers`` (meta tensors elsewhere
     convert to meta tensors, at no cost), with the reward head as the unembedding."""
     from pm_lens.model.reward_model import head_state
 
-    piece_cfg = _piece_cfg(cfg, n_layers)
+    piece_cfg = _piece_cfg(cfg, n_layers, d_mlp)
     score = getattr(hf_model, HEAD_ATTR)
     view = SimpleNamespace(**{spec.body_attr: _BodyWith(body, layers_attr, layers)},
                            lm_head=SimpleNamespace(weight=score.weight, bias=_bias(score)))
@@ -244,26 +330,33 @@ def _bias(score: torch.nn.Module) -> Tensor:
     return torch.zeros(score.out_features, dtype=score.weight.dtype, device=score.weight.device)
 
 
-def _piece_cfg(cfg: Any, n_layers: int) -> Any:
-    """``cfg`` for a piece of ``n_layers`` layers, converted and processed in float32 on the CPU."""
+def _piece_cfg(cfg: Any, n_layers: int, d_mlp: int | None = None) -> Any:
+    """``cfg`` for a piece of ``n_layers`` layers (and an MLP slice of width ``d_mlp``), converted
+    and processed in float32 on the CPU."""
     piece = copy.copy(cfg)
     piece.n_layers, piece.dtype, piece.device = n_layers, torch.float32, "cpu"
+    if d_mlp is not None:
+        piece.d_mlp = d_mlp
     return piece
 
 
-def _process(state: dict[str, Tensor], cfg: Any, processing: dict[str, bool], *, n_layers: int) -> dict[str, Tensor]:
+def _process(state: dict[str, Tensor], cfg: Any, processing: dict[str, bool], *, n_layers: int,
+             d_mlp: int | None = None) -> dict[str, Tensor]:
+    """TransformerLens's weight processing of one piece (its functions treat each layer, each MLP
+    column and each embedding row on its own, so pieces give what the whole model gives)."""
     from transformer_lens.weight_processing import ProcessWeights
 
     with torch.no_grad():
-        return ProcessWeights.process_weights(state, _piece_cfg(cfg, n_layers), refactor_factored_attn_matrices=False,
-                                              **processing)
+        return ProcessWeights.process_weights(state, _piece_cfg(cfg, n_layers, d_mlp),
+                                              refactor_factored_attn_matrices=False, **processing)
 
 
-def _assign(model: torch.nn.Module, piece: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> None:
-    """Make each tensor of ``piece`` the model's parameter of that name (cast, on ``device``).
-    Names the model has no parameter for (norm weights folded away) are dropped, as
-    TransformerLens's non-strict load drops them. ``embed.W_E`` arrives in row chunks."""
-    rows = piece.pop("_rows", None)
+def _assign(model: torch.nn.Module, piece: dict[str, Tensor], offsets: dict[str, int], dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Make each tensor of ``piece`` the model's parameter of that name (cast, on ``device``), or,
+    for a name in ``offsets``, the slice of it starting there (along the one dimension where the
+    shapes differ). Names the model has no parameter for (norm weights folded away) are dropped,
+    as TransformerLens's non-strict load drops them."""
     for key, value in piece.items():
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
@@ -272,16 +365,16 @@ def _assign(model: torch.nn.Module, piece: dict[str, Tensor], dtype: torch.dtype
             continue
         if not torch.isfinite(value).all():
             raise ValueError(f"the reward model has NaN or infinite weights in {key}")
-        if rows is not None and key == "embed.W_E":
-            start, total = int(rows[0]), int(rows[1])
-            if param.is_meta:
-                param = torch.nn.Parameter(torch.empty(total, value.shape[1], dtype=dtype, device=device),
-                                           requires_grad=param.requires_grad)
-                owner._parameters[leaf] = param
-            with torch.no_grad():
-                param[start:start + len(value)] = value.to(device=device, dtype=dtype)
+        value = value.to(device=device, dtype=dtype)
+        if tuple(value.shape) == tuple(param.shape):
+            owner._parameters[leaf] = torch.nn.Parameter(value.contiguous(), requires_grad=param.requires_grad)
             continue
-        if tuple(value.shape) != tuple(param.shape):
+        differ = [d for d, (a, b) in enumerate(zip(value.shape, param.shape)) if a != b]
+        if key not in offsets or value.ndim != param.ndim or len(differ) != 1:
             raise RuntimeError(f"{key}: converted shape {tuple(value.shape)} differs from the model's {tuple(param.shape)}")
-        owner._parameters[leaf] = torch.nn.Parameter(value.to(device=device, dtype=dtype).contiguous(),
-                                                     requires_grad=param.requires_grad)
+        if param.is_meta:
+            param = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                       requires_grad=param.requires_grad)
+            owner._parameters[leaf] = param
+        with torch.no_grad():
+            param.narrow(differ[0], offsets[key], value.shape[differ[0]]).copy_(value)
