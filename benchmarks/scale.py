@@ -91,20 +91,21 @@ def make_study_files(folder: Path, n_pairs: int) -> dict[str, Path]:
     pairs_path = folder / f"pairs-{n_pairs}.jsonl"
     with pairs_path.open("w") as f:
         for i in range(n_pairs):
-            prompt = f"{rng.choice(PROMPTS)} (question {i})"
-            good, bad = rng.choice(GOOD), " ".join(rng.choice(BAD) for _ in range(rng.randint(1, 3)))
+            prompt = f"{rng.choice(PROMPTS)} #{i}"
+            good, bad = rng.choice(GOOD), " ".join(rng.choice(BAD) for _ in range(rng.randint(1, 2)))
             f.write(json.dumps({"chosen": f"\n\nHuman: {prompt}\n\nAssistant: {good}",
                                 "rejected": f"\n\nHuman: {prompt}\n\nAssistant: {bad}"}) + "\n")
     return dict(model=model_dir, sae=sae_dir, pairs=pairs_path)
 
 
 def child_run(folder: str, n_pairs: int) -> dict:
-    from pm_lens.study import load_config, run_study
+    from pm_lens.study.config import load_config
+    from pm_lens.study.run import run_study
 
     files = make_study_files(Path(folder), n_pairs)
     out = Path(folder) / f"out-{n_pairs}"
     config = load_config(None, {"model.path": str(files["model"]), "pairs.path": str(files["pairs"]),
-                                "pairs.k": n_pairs, "pairs.max_tokens": 256, "saes.sources": [str(files["sae"])],
+                                "pairs.k": n_pairs, "pairs.max_tokens": 128, "saes.sources": [str(files["sae"])],
                                 "run.out": str(out), "run.shard_pairs": 100})
     base = _rss_kib("VmRSS")
     start = time.perf_counter()

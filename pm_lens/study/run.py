@@ -81,7 +81,8 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     lengths = check_kept(config, pairs)  # with the tokenizer alone, before the model loads
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    rm, saes = _load(config)
+    loaded = _load_saes(config)  # and checked against the model's config, before the model loads
+    rm, saes = _load(config, loaded)
     timings["load"] = time.perf_counter() - start
     counted = rm.forward_count.snapshot()
     if dry_run:
@@ -133,22 +134,38 @@ def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any) 
             bar.update(len(rows))
 
 
-def _load(config: RunConfig) -> tuple[Any, dict[str, Any]]:
-    from pm_lens.model import RewardModel
+def _load_saes(config: RunConfig) -> list[Any]:
+    """The config's SAEs; for a model folder, checked against its config and the token limit
+    against its context (:mod:`pm_lens.study.fit`), so a misfit fails before the model loads."""
+    device = config["model.device"]
+    if config["saes.sources"] == [DEMO]:
+        from pm_lens.demo_pm import demo_saes
+
+        return demo_saes(device=device)
     from pm_lens.saes import load_sae
+
+    saes = [load_sae(source, device=device) for source in config["saes.sources"]]
+    if config["model.path"] != DEMO:
+        from pm_lens.study.fit import check_context, check_saes_fit, model_fields
+
+        fields = model_fields(config["model.path"])
+        check_context(config, fields)
+        check_saes_fit(fields, saes, config["saes.sources"])
+    return saes
+
+
+def _load(config: RunConfig, loaded: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """The reward model, and the SAEs ``loaded`` checked against it, by hook name."""
+    from pm_lens.model import RewardModel
 
     device, dtype = config["model.device"], config["model.dtype"]
     if config["model.path"] == DEMO:
-        from pm_lens.demo_pm import demo_reward_model, demo_saes
+        from pm_lens.demo_pm import demo_reward_model
 
         rm = demo_reward_model(device=device, dtype=getattr(torch, dtype))
-        loaded = demo_saes(device=device) if config["saes.sources"] == [DEMO] else None
     else:
         rm = RewardModel.from_pretrained(config["model.path"], device=device, dtype=dtype, objective=config["model.objective"])
-        loaded = None
     rm.text_format = config["model.text_format"]
-    if loaded is None:
-        loaded = [load_sae(source, device=device) for source in config["saes.sources"]]
     from pm_lens.attribution.nodes import resolve_saes
 
     return rm, resolve_saes(rm, loaded)

@@ -143,6 +143,19 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     assert "holds a run of another config" in capsys.readouterr().err
 
 
+def misfit_saes(folder):
+    """SAE folders that do not fit the study's 3-layer, d_model-64 model: another width, another depth."""
+    from sae_lens import SAE, StandardSAEConfig
+
+    paths = {}
+    for name, d_in, hook in (("wide_sae", 48, HOOK), ("deep_sae", 64, "blocks.7.hook_resid_post")):
+        cfg = StandardSAEConfig(d_in=d_in, d_sae=16)
+        cfg.metadata.hook_name = hook
+        SAE.from_dict(cfg.to_dict()).save_model(str(folder / name))
+        paths[name] = str(folder / name)
+    return paths
+
+
 @pytest.mark.parametrize("edit, flags, message", [
     ("", ["--k", "ten"], "pairs.k must be an integer, got 'ten'"),
     ("", ["--k", "0"], "pairs.k must be >= 1, got 0"),
@@ -157,16 +170,21 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     ("", ["--saes", "demo"], "'demo' means the embedded demo PM's SAEs, alone and with model.path = 'demo'"),
     ("", ["--chosen-column", "answer"], "has no column chosen: 'answer'"),
     ("", ["--baseline", "mean"], "attribution.baseline must be one of 'zero'"),
+    ("", ["--max-tokens", "500"], "pairs.max_tokens = 500 exceeds the context of the model at"),
+    ("", ["--saes", "{wide_sae}"], "has d_in = 48 but the activation at blocks.1.hook_resid_post has 64 values "
+                                   "(d_model = 64): the SAE was trained on another model"),
+    ("", ["--saes", "{deep_sae}"], "reads blocks.7.hook_resid_post, but the model has 3 layers (blocks.0 to blocks.2)"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(study, capsys, monkeypatch, edit, flags, message):
     import pm_lens.study.run as run_module
 
-    monkeypatch.setattr(run_module, "_load", lambda config: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(run_module, "_load", lambda *args: pytest.fail("the model was loaded"))
     config = study["config"]
     if edit.startswith("["):
         config.write_text(config.read_text() + edit)
     elif edit:
         config.write_text(config.read_text().replace("k = 6", f"k = 6\n{edit}"))
+    flags = [flag.format(**misfit_saes(study["tmp"])) if flag.startswith("{") else flag for flag in flags]
     code = main(["run", str(config), "--quiet", *flags])
     err = capsys.readouterr().err
     assert code in (1, 2) and message in err and len(err.strip().splitlines()) == 1, err
