@@ -17,6 +17,7 @@ Three measurements, each in a fresh subprocess (peak memory is the child's own h
     python benchmarks/scale.py sizes [--sizes 100,1000,5000]
     python benchmarks/scale.py load [--layers 3] [--device cpu] [--no-compare]
     python benchmarks/scale.py project [--device cuda] [--layers 2]
+    python benchmarks/scale.py wide-run [--device cuda] [--layers 4] [--pairs 32]   # (d) a short real run
 """
 
 from __future__ import annotations
@@ -332,6 +333,56 @@ def project(args: argparse.Namespace) -> None:
               "measured on a GPU only (run with --device cuda)")
 
 
+# ---- (d) a short real run at real widths ----------------------------------------------------
+
+def child_wide_run(folder: str, device: str, dtype: str, n_layers: int, n_pairs: int, d_sae: int) -> dict:
+    """``pm-lens run`` on a slice of ``n_layers`` layers at Llama-3-8B widths with one ``d_sae``-feature
+    SAE (random, made sparse on the slice's activations) and ``n_pairs`` short HH pairs."""
+    import torch
+
+    from pm_lens import PreferencePair, RewardModel
+    from pm_lens.data import encode_pairs
+    from pm_lens.study.config import load_config
+    from pm_lens.study.run import run_study
+    from pm_lens.testing import sparse_sae_for
+
+    root = Path(folder)
+    write_wide_checkpoint(root / "pm", n_layers)
+    files = make_study_files(root / "small", n_pairs)  # only its pairs file is used
+    hook = f"blocks.{n_layers // 2}.hook_resid_post"
+    rm = RewardModel.from_pretrained(root / "pm", device=device, dtype="float32" if device == "cpu" else dtype)
+    sample = [PreferencePair(p, g, b) for p, g, b in zip(PROMPTS, GOOD, BAD)]
+    tokens = encode_pairs(rm.tokenizer, sample, max_len=128).chosen.tokens.to(device)
+    sparse_sae_for(rm, hook, tokens, d_sae=d_sae, fire_rate=0.01).save_model(str(root / "sae"))
+    del rm
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    config = load_config(None, {"model.path": str(root / "pm"), "model.device": device, "model.dtype": dtype,
+                                "pairs.path": str(files["pairs"]), "pairs.k": n_pairs, "pairs.max_tokens": 128,
+                                "saes.sources": [str(root / "sae")], "run.out": str(root / "out"),
+                                "run.shard_pairs": max(1, n_pairs // 2)})
+    start = time.perf_counter()
+    result = run_study(config, progress=False)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "timings": result.timings, "forward_passes": result.forward_passes["total"],
+            "pairs": n_pairs, "tokens": int(result.selection.tokens.sum() * 2),
+            "gpu_peak_gib": torch.cuda.max_memory_allocated() / GiB if device.startswith("cuda") else None,
+            "top": result.features.head(3)[["node", "estimated_margin_effect", "exact_margin_effect"]].to_dict("records"),
+            "dtype": json.loads((root / "out" / "fidelity.json").read_text())["settings"]["dtype"]}
+
+
+def wide_run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
+        r = _child(["_wide", folder, args.device, args.dtype, str(args.layers), str(args.pairs), str(args.d_sae)])
+    print(f"(d) pm-lens run, {args.layers} layers at Llama-3-8B widths, one SAE of {args.d_sae} features, {r['pairs']} "
+          f"pairs ({r['tokens']} tokens), {args.dtype} on {args.device}: {r['wall_s']:.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in r['timings'].items())}); forward passes {r['forward_passes']}; "
+          f"card dtype {r['dtype']}" + (f"; GPU peak {r['gpu_peak_gib']:.1f} GiB" if r["gpu_peak_gib"] else ""))
+    for row in r["top"]:
+        print(f"  {row['node']}: estimated {row['estimated_margin_effect']:+.4f}, exact {row['exact_margin_effect']:+.4f}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         name, *rest = sys.argv[1:]
@@ -339,6 +390,8 @@ def main() -> None:
             result = child_run(rest[0], int(rest[1]))
         elif name == "_load":
             result = child_load(*rest)
+        elif name == "_wide":
+            result = child_wide_run(rest[0], rest[1], rest[2], *map(int, rest[3:]))
         else:
             result = child_project(rest[0], rest[1], rest[2], int(rest[3]))
         print(json.dumps(result))
@@ -359,8 +412,15 @@ def main() -> None:
     c.add_argument("--layers", type=int, default=1, help="layers of the smaller slice (the larger has twice as many)")
     c.add_argument("--tokens", type=int, default=256)
     c.add_argument("--tmp", default=None)
+    d = sub.add_parser("wide-run", help="(d) a short pm-lens run at 8B widths (for a GPU check)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--dtype", default="bfloat16")
+    d.add_argument("--layers", type=int, default=4)
+    d.add_argument("--pairs", type=int, default=32)
+    d.add_argument("--d-sae", type=int, default=32768)
+    d.add_argument("--tmp", default=None)
     args = parser.parse_args()
-    {"sizes": sizes, "load": load, "project": project}[args.what](args)
+    {"sizes": sizes, "load": load, "project": project, "wide-run": wide_run}[args.what](args)
 
 
 if __name__ == "__main__":

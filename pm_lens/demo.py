@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from pm_lens.data import PreferencePair
 from pm_lens.data.planted import PLANTED_ATTRIBUTES, WEIGHTS, make_planted, single_attribute
 from pm_lens.demo_settings import OUTPUTS as OUTPUTS
 from pm_lens.demo_settings import DemoSettings as DemoSettings
-from pm_lens.io import write_atomic
+from pm_lens.io import versions, write_atomic
 from pm_lens.model import RewardModel
 from pm_lens.report import write_report
 from pm_lens.saes.contexts import FeatureContexts, top_contexts
@@ -206,7 +205,7 @@ def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: Fide
         "attribution": attribution.settings.as_dict(),
         "model": {"name": "pm_lens demo PM (SmolLM2-135M-Instruct + planted-preference head)",
                   "n_layers": rm.cfg.n_layers, "d_model": rm.cfg.d_model, "device": str(rm.cfg.device)},
-        "versions": {name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
+        "versions": versions(),
         "python": platform.python_version(),
         "timings_s": timings,
         "forward_passes": forward_passes,

@@ -23,3 +23,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+RECORDED_PACKAGES = ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")
+
+
+def versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, str | None]:
+    """The installed version of each package (None where it is not installed, e.g. pm_lens run
+    from a source checkout), recorded next to results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found

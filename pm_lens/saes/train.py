@@ -34,7 +34,6 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from sae_lens.constants import SAE_CFG_FILENAME
 from torch import Tensor
 
 from pm_lens.data import SKIP_FIRST, PreferencePair, TokenBatch
-from pm_lens.io import write_atomic
+from pm_lens.io import versions, write_atomic
 from pm_lens.model import RewardModel
 from pm_lens.saes.activations import collect_activations as collect_activations
 from pm_lens.saes.activations import n_sequences
@@ -218,15 +217,8 @@ def _run_config(
         "model": {"hf_architecture": getattr(rm, "hf_architecture", None), "d_model": rm.cfg.d_model,
                   "n_layers": rm.cfg.n_layers, "n_ctx": rm.cfg.n_ctx, "dtype": str(rm.cfg.dtype)},
         "stats": json.loads(stats.to_json(orient="index")),
-        "versions": {name: _version(name) for name in ("pm-lens", "sae-lens", "transformer-lens", "torch")},
+        "versions": versions(("pm-lens", "sae-lens", "transformer-lens", "torch")),
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _save(saes: dict[str, SAE], config: dict[str, Any], out_dir: Path) -> None:

@@ -43,7 +43,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from pm_lens.data import PreferencePair
-from pm_lens.io import write_atomic
+from pm_lens.io import versions, write_atomic
 from pm_lens.saes.node import Node
 from pm_lens.study.config import DEMO, RunConfig
 from pm_lens.study.merge import (
@@ -137,14 +137,14 @@ def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any) 
 def _load_saes(config: RunConfig) -> list[Any]:
     """The config's SAEs; for a model folder, checked against its config and the token limit
     against its context (:mod:`pm_lens.study.fit`), so a misfit fails before the model loads."""
-    device = config["model.device"]
+    device, dtype = config["model.device"], config["model.dtype"]  # SAEs run in the model's dtype
     if config["saes.sources"] == [DEMO]:
         from pm_lens.demo_pm import demo_saes
 
-        return demo_saes(device=device)
+        return [sae.to(getattr(torch, dtype)) for sae in demo_saes(device=device)]
     from pm_lens.saes import load_sae
 
-    saes = [load_sae(source, device=device) for source in config["saes.sources"]]
+    saes = [load_sae(source, device=device, dtype=dtype) for source in config["saes.sources"]]
     if config["model.path"] != DEMO:
         from pm_lens.study.fit import check_context, check_saes_fit, model_fields
 
@@ -264,14 +264,11 @@ def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoin
 
 def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any,
                   concerns: list[str]) -> None:
-    from importlib.metadata import version
-
-
     write_atomic(out / "config.json", json.dumps({
         "config": config.as_dict(), "digest": config.digest(), "dtype": str(rm.cfg.dtype).replace("torch.", ""),
         "objective": rm.objective, "concerns": concerns,
         "forward_passes": forward_passes, "timings": {k: round(v, 2) for k, v in timings.items()},
-        "versions": {**{name: version(name) for name in ("pm-lens", "torch", "transformer-lens", "sae-lens", "transformers")},
+        "versions": {**versions(),
                      "python": platform.python_version()},
     }, indent=2))
 

@@ -218,3 +218,15 @@ def test_a_multi_objective_pm_runs_on_the_objective_the_config_names(study, toke
     assert torch.allclose(torch.tensor(selection.chosen_reward.to_numpy()).float(), logits @ torch.tensor([0.5, -1.0, 2.0]),
                           atol=1e-4)
     assert json.loads((study["out"] / "config.json").read_text())["objective"] == [0.5, -1.0, 2.0]
+
+
+def test_a_bfloat16_run_uses_float32_saes_in_the_models_dtype_and_says_so(study):
+    """SAEs saved in float32 (as SAELens saves them) run in the model's bfloat16; the fidelity card
+    and config.json say which dtype ran; the ranking's leader is the float32 run's."""
+    assert main(["run", str(study["config"]), "--quiet", "--out", str(study["tmp"] / "full")]) == 0
+    assert main(["run", str(study["config"]), "--quiet", "--dtype", "bfloat16"]) == 0
+    assert json.loads((study["out"] / "fidelity.json").read_text())["settings"]["dtype"] == "bfloat16"
+    assert json.loads((study["out"] / "config.json").read_text())["dtype"] == "bfloat16"
+    half, full = (pd.read_csv(folder / "features.csv") for folder in (study["out"], study["tmp"] / "full"))
+    assert half.node.iloc[0] == full.node.iloc[0]
+    assert abs(half.exact_margin_effect.iloc[0] - full.exact_margin_effect.iloc[0]) <= 0.05 * abs(full.exact_margin_effect.iloc[0]) + 0.02
