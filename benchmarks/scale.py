@@ -240,12 +240,15 @@ def child_project(folder: str, device: str, dtype: str, n_tokens: int) -> dict:
     def forward_backward():
         kept = []
 
+        def leaf(x, hook):  # the weights are frozen: gradients flow from the embedding on
+            return x.detach().requires_grad_(True)
+
         def keep(x, hook):
             x.retain_grad()
             kept.append(x)
             return x
         with torch.enable_grad():
-            reward = rm.run_with_hooks(tokens, fwd_hooks=[(h, keep) for h in hooks])[0, -1, 0]
+            reward = rm.run_with_hooks(tokens, fwd_hooks=[("hook_embed", leaf)] + [(h, keep) for h in hooks])[0, -1, 0]
             reward.backward()
 
     for p in rm.parameters():
@@ -353,7 +356,7 @@ def child_wide_run(folder: str, device: str, dtype: str, n_layers: int, n_pairs:
     rm = RewardModel.from_pretrained(root / "pm", device=device, dtype="float32" if device == "cpu" else dtype)
     sample = [PreferencePair(p, g, b) for p, g, b in zip(PROMPTS, GOOD, BAD)]
     tokens = encode_pairs(rm.tokenizer, sample, max_len=128).chosen.tokens.to(device)
-    sparse_sae_for(rm, hook, tokens, d_sae=d_sae, fire_rate=0.01).save_model(str(root / "sae"))
+    sparse_sae_for(rm, hook, tokens, d_sae=d_sae, fire_rate=0.01).to("cpu").save_model(str(root / "sae"))
     del rm
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -110,10 +110,10 @@ def sparse_sae_for(rm, hook_name: str, tokens: torch.Tensor, *, d_sae: int = 256
                    fire_rate: float = 0.05) -> SAE:
     """A random SAE at ``hook_name`` made sparse on ``rm``'s own activations for ``tokens``."""
     _, cache = rm.run_with_cache(tokens, names_filter=hook_name)
-    x = cache[hook_name].flatten(0, -2)
+    x = cache[hook_name].flatten(0, -2).float()
     torch.manual_seed(seed)
     d_in = x.shape[-1]
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name)))
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name))).to(x.device)
     with torch.no_grad():
         sae.W_enc.normal_(0, 1 / d_in**0.5)
         sae.W_dec.normal_(0, 1 / d_sae**0.5)
