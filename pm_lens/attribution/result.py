@@ -28,6 +28,7 @@ from pm_lens.attribution.clean import CleanRun
 from pm_lens.attribution.formulas import TARGETS, target_of
 from pm_lens.data import PreferencePair
 from pm_lens.saes.node import Node
+from pm_lens.tables import feature_table
 
 OUTLIER_COLUMNS = ["hook_name", "pair", "side", "pos", "norm_ratio"]
 DIRECTIONS = ("raising", "lowering", "both")
@@ -169,7 +170,11 @@ class Attribution:
         table = pd.concat(frames, ignore_index=True)
         table["feature"] = table["feature"].astype("Int64")
         order = np.argsort(-table["effect"].abs().to_numpy(), kind="stable")
-        return table.iloc[order].reset_index(drop=True)
+        return feature_table(table.iloc[order].reset_index(drop=True), self._caption())
+
+    def _caption(self) -> str:
+        return (f"effect: the mean change of the {self.settings.target} when the node is removed (estimated by "
+                f"{self.settings.method}); negative = the node raises the {self.settings.target}")
 
     def _ranking_rows(self, name: str) -> list[pd.DataFrame]:
         effects = self.dense_effects(name)
@@ -206,7 +211,7 @@ class Attribution:
             table = table[table.effect < 0].sort_values("effect", kind="stable")
         elif direction == "lowering":
             table = table[table.effect > 0].sort_values("effect", ascending=False, kind="stable")
-        return table.head(n).reset_index(drop=True)
+        return feature_table(table.head(n).reset_index(drop=True), self._caption())
 
     def top_nodes(self, n: int = 10, *, direction: str = "both") -> list[Node]:
         """The nodes of :meth:`top_features`, best first."""

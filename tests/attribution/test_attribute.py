@@ -1,5 +1,7 @@
 """Attribution patching against exact ablation."""
 
+import os
+
 import pandas as pd
 import pytest
 import torch
@@ -144,6 +146,20 @@ def test_ranking_table(rm, pairs, saes):
     row = table[table.kind == "feature"].iloc[0]
     per_pair = result.dense_effects(row.hook_name)[:, int(row.feature)]
     assert row.effect == pytest.approx(float(per_pair.mean()), rel=1e-5)
+
+
+def test_top_features_print_every_column_and_say_what_effect_means(rm, pairs, saes, monkeypatch):
+    """Printed at a narrow terminal, no column is hidden behind '...' and the sign convention is
+    under the table."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((80, 24)))
+    top = attribute(rm, pairs, saes=saes, progress=False).top_features(5)
+    text = repr(top)
+    assert "..." not in text and "columns]" not in text
+    assert all(column in text for column in top.columns)
+    assert text.endswith("negative = the node raises the margin")
+    assert repr(top.head(2)).endswith("negative = the node raises the margin")  # survives slicing
 
 
 @pytest.mark.parametrize(
