@@ -18,7 +18,9 @@ from pm_lens.study.config import RunConfig
 def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> tuple[pd.DataFrame, torch.Tensor]:
     """The ranking of every active feature over all shards (``estimated_margin_effect``: the mean
     estimated change of the margin when the feature is removed; negative: the feature raises the
-    margin), and ``[n_pairs]`` the sum of all attributions of each pair (features and errors)."""
+    margin; ``outlier_share``: the part of it from positions of massive activation, see
+    :mod:`pm_lens.attribution.outliers`), and ``[n_pairs]`` the sum of all attributions of each
+    pair (features and errors)."""
     sums = {hook: _Sums(sae.cfg.d_sae) for hook, sae in saes.items()}
     n_pairs, totals = 0, []
     for path in paths:
@@ -28,7 +30,8 @@ def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> tuple[pd.Data
         total = torch.zeros(n, dtype=torch.float64)
         for hook, acc in sums.items():
             chosen, rejected = (_dense(shard, f"{side}.{hook}", (n, acc.width)) for side in ("chosen", "rejected"))
-            acc.add(chosen - rejected)
+            outlier = [_dense(shard, f"{side}.{hook}.outlier", (n, acc.width)) for side in ("chosen", "rejected")]
+            acc.add(chosen - rejected, outlier[0] - outlier[1])
             total += (chosen - rejected).double().sum(1) + (shard[f"chosen.{hook}.error"] - shard[f"rejected.{hook}.error"]).double()
         totals.append(total)
     rows = []
@@ -57,10 +60,12 @@ class _Sums:
     def __init__(self, width: int):
         self.width = width
         self.total, self.absolute = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+        self.outlier = torch.zeros(width, dtype=torch.float64)
         self.active, self.positive, self.negative = (torch.zeros(width, dtype=torch.long) for _ in range(3))
 
-    def add(self, effects: torch.Tensor) -> None:
+    def add(self, effects: torch.Tensor, outlier: torch.Tensor) -> None:
         self.total += effects.double().sum(0)
+        self.outlier += outlier.double().sum(0)
         self.absolute += effects.double().abs().sum(0)
         self.active += (effects != 0).sum(0)
         self.positive += (effects > 0).sum(0)
@@ -69,9 +74,12 @@ class _Sums:
     def table(self, n_pairs: int) -> pd.DataFrame:
         mean = (self.total / n_pairs).float()
         agree = torch.where(mean > 0, self.positive, self.negative).double() / self.active.clamp(min=1)
+        share = torch.where(self.total != 0, self.outlier / self.total.where(self.total != 0, torch.ones_like(self.total)),
+                            torch.zeros_like(self.total))
         return pd.DataFrame({"feature": np.arange(self.width), "estimated_margin_effect": mean.numpy(),
                              "mean_abs_effect": (self.absolute / n_pairs).float().numpy(),
-                             "sign_agreement": agree.float().numpy(), "n_pairs_active": self.active.numpy()})
+                             "sign_agreement": agree.float().numpy(), "n_pairs_active": self.active.numpy(),
+                             "outlier_share": share.float().numpy()})
 
 
 def confirmed_nodes(ranking: pd.DataFrame, top: int) -> list[Node]:
@@ -107,7 +115,7 @@ def merge_ablations(ablations: dict[str, torch.Tensor], ranking: pd.DataFrame, n
             estimated_margin_effect=float(est.estimated_margin_effect),
             exact_margin_effect=float(margin[:, column].mean()), exact_chosen_effect=float(chosen[:, column].mean()),
             exact_rejected_effect=float(rejected[:, column].mean()), sign_agreement=float(est.sign_agreement),
-            n_pairs_active=int(est.n_pairs_active)))
+            n_pairs_active=int(est.n_pairs_active), outlier_share=float(est.outlier_share)))
         for row in margin[:, column].abs().argsort(descending=True)[:per_feature].tolist():
             before = float(clean_chosen[row] - clean_rejected[row])
             after = before + float(margin[row, column])
@@ -148,12 +156,13 @@ def run_fidelity(ablations: dict[str, torch.Tensor], ranking: pd.DataFrame, node
                              completeness=completeness_summary(totals.numpy(), everything))
 
 
-def worries(card: Any, ablations: dict[str, torch.Tensor], *, kept_below: float = 0.5,
-            spearman_below: float = 0.5) -> list[str]:
+def worries(card: Any, ablations: dict[str, torch.Tensor], *, features: pd.DataFrame | None = None,
+            kept_below: float = 0.5, spearman_below: float = 0.5) -> list[str]:
     """What in a run should worry the reader, in plain words with what to do: SAEs that carry
     little of the margin when spliced in without their error terms, a completeness check whose
-    sum of attributions and exact removal disagree in sign or by more than half, and a ranking
-    whose top features' order the exact effects do not confirm."""
+    sum of attributions and exact removal disagree in sign or by more than half, a ranking whose
+    top features' order the exact effects do not confirm, and confirmed ``features`` whose
+    estimated effect comes mostly from positions of massive activation."""
     clean = (ablations["clean_chosen"] - ablations["clean_rejected"]).double().mean()
     spliced = clean + ablations["spliced_margin"].double().mean()
     found = []
@@ -171,4 +180,14 @@ def worries(card: Any, ablations: dict[str, torch.Tensor], *, kept_below: float 
     if card.n_top >= 3 and np.isfinite(card.spearman_top) and card.spearman_top < spearman_below:
         found.append(f"the exact effects reorder the estimated top features (Spearman {card.spearman_top:.2f}): rank by "
                      "the exact effects in features.csv, or use method = 'ig'")
+    if features is not None and "outlier_share" in features:
+        from pm_lens.attribution.outliers import OUTLIER_RATIO, OUTLIER_SHARE
+
+        flagged = features[features.outlier_share.abs() >= OUTLIER_SHARE]
+        if len(flagged):
+            named = ", ".join(f"{row.node} ({row.outlier_share:.0%})" for row in flagged.head(5).itertuples())
+            found.append(f"{len(flagged)} confirmed feature(s) take most of their estimated effect from positions whose "
+                         f"activation norm is over {OUTLIER_RATIO:.0f}x the median (attention sinks, start tokens): "
+                         f"{named}; their effect is an artifact of those positions: leave them out with "
+                         "attribution.positions = 'completion' or 'diverge'")
     return found

@@ -110,7 +110,7 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
         ablations = load_ablations([out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))])
         features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
         card = run_fidelity(ablations, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
-    concerns = worries(card, ablations)
+    concerns = worries(card, ablations, features=features)
     card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
@@ -199,6 +199,9 @@ def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: li
             tensors[f"{side}.{hook}.indices"] = effects.indices().contiguous()
             tensors[f"{side}.{hook}.values"] = effects.values().contiguous()
             tensors[f"{side}.{hook}.error"] = getattr(result, side).errors[hook].float().contiguous()
+            outlier = getattr(result, side).outlier_features[hook].float().coalesce()  # from massive-activation positions
+            tensors[f"{side}.{hook}.outlier.indices"] = outlier.indices().contiguous()
+            tensors[f"{side}.{hook}.outlier.values"] = outlier.values().contiguous()
     _save(path, tensors, config, n_pairs=len(pairs))
     return False
 

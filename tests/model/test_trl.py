@@ -26,7 +26,11 @@ def trl_folder(tmp_path, tokenizer):
     trainer.train()
     assert not torch.equal(before, trainer.model.score.weight.detach())  # it trained
     trainer.save_model(str(tmp_path / "pm"))
-    return tmp_path / "pm", trainer.model.eval()
+    # The reference is the saved folder read back by transformers (the trainer's own model runs
+    # under the bfloat16 autocast accelerate wrapped its forward in).
+    from transformers import AutoModelForSequenceClassification
+
+    return tmp_path / "pm", AutoModelForSequenceClassification.from_pretrained(tmp_path / "pm").eval()
 
 
 def test_a_trl_reward_trainer_folder_loads_with_parity(trl_folder, tokenizer, monkeypatch):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pm_lens import Node, RewardModel, ablate, score_pairs
+from pm_lens import Node, RewardModel, ablate, attribute, score_pairs
 from pm_lens.cli import main
 from pm_lens.data import encode_pairs, load_pairs
 from pm_lens.data.encoding import encode_one
@@ -230,3 +230,33 @@ def test_a_bfloat16_run_uses_float32_saes_in_the_models_dtype_and_says_so(study)
     half, full = (pd.read_csv(folder / "features.csv") for folder in (study["out"], study["tmp"] / "full"))
     assert half.node.iloc[0] == full.node.iloc[0]
     assert abs(half.exact_margin_effect.iloc[0] - full.exact_margin_effect.iloc[0]) <= 0.05 * abs(full.exact_margin_effect.iloc[0]) + 0.02
+
+
+def test_a_feature_whose_effect_comes_from_a_massive_activation_is_a_concern(tmp_path, capsys):
+    """A model folder whose '~' embedding is huge (an attention-sink-like position) and an SAE
+    whose feature 0 fires only there: the run's outlier share of that feature equals the one
+    attribute() computes on the same pairs, and the run says in plain words what to do."""
+    from pm_lens.testing import CHAR_VOCAB, char_tokenizer
+    from tests.attribution.test_outliers import PAIRS, SINK, _sink_sae
+
+    hf = tiny_hf_reward_model(num_hidden_layers=3)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[CHAR_VOCAB.index(SINK)] *= 400.0
+    hf.save_pretrained(tmp_path / "pm")
+    char_tokenizer().save_pretrained(tmp_path / "pm")
+    rm = RewardModel.from_pretrained(tmp_path / "pm")
+    sae = _sink_sae(rm)
+    sae.save_model(str(tmp_path / "sae"))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
+                                                  + "\n" for p in PAIRS))
+    assert main(["run", "--model", str(tmp_path / "pm"), "--pairs", str(tmp_path / "pairs.jsonl"), "--saes",
+                 str(tmp_path / "sae"), "--out", str(tmp_path / "out"), "--select", "all", "--max-tokens", "100",
+                 "--confirm-top", "8", "--quiet"]) == 0
+    features = pd.read_csv(tmp_path / "out" / "features.csv").set_index("node")
+    sink = f"{HOOK}:0"
+    with pytest.warns(UserWarning, match="massive|median"):
+        expected = attribute(rm, PAIRS, saes=[sae], progress=False).ranking().set_index("node").outlier_share[sink]
+    assert expected > 0.5
+    assert features.outlier_share[sink] == pytest.approx(expected, rel=1e-4)
+    concerns = json.loads((tmp_path / "out" / "config.json").read_text())["concerns"]
+    assert any(sink in c and "positions = 'completion' or 'diverge'" in c for c in concerns), concerns
