@@ -3,6 +3,8 @@ datapoints and the fidelity card, read from disk so memory is bounded by a shard
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +193,71 @@ def worries(card: Any, ablations: dict[str, torch.Tensor], *, features: pd.DataF
                          f"{named}; their effect is an artifact of those positions: leave them out with "
                          "attribution.positions = 'completion' or 'diverge'")
     return found
+
+
+def contexts_record(found: dict[Node, Any], first_row: int) -> list[dict[str, Any]]:
+    """A shard's :func:`pm_lens.saes.contexts.top_contexts` as JSON-ready records (pairs numbered
+    by their row in the selection: ``first_row`` + the index in the shard)."""
+    return [{"node": str(node), "firing_rate": fc.firing_rate, "last_token_mean": fc.last_token_mean,
+             "top_tokens": [[token, value] for token, value in fc.top_tokens],
+             "contexts": [{**asdict(c), "pair": first_row + c.pair} for c in fc.contexts]}
+            for node, fc in found.items()]
+
+
+def merge_contexts(paths: list[Path], confirmed: list[Node], selection: pd.DataFrame, *,
+                   n_contexts: int) -> dict[Node, Any]:
+    """Each confirmed feature's strongest ``n_contexts`` firings over all shards (each shard kept
+    its own strongest, at most one per text), its top tokens by their strongest firing, and its
+    firing rate and mean last-token activation averaged over the shards weighted by their pairs.
+    Pairs are renumbered to their line in the pairs file (``selection.pair``)."""
+    from safetensors import safe_open
+
+    from pm_lens.saes.contexts import Context, FeatureContexts
+
+    gathered: dict[str, dict[str, Any]] = {str(n): {"contexts": [], "tokens": {}, "rate": 0.0, "last": 0.0, "pairs": 0}
+                                           for n in confirmed if not n.is_error}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        n_pairs = int(json.loads(metadata.get("n_pairs", "0")))
+        for record in json.loads(metadata.get("contexts", "[]")):
+            into = gathered.get(record["node"])
+            if into is None:
+                continue
+            into["contexts"] += record["contexts"]
+            for token, value in record["top_tokens"]:
+                into["tokens"][token] = max(into["tokens"].get(token, 0.0), value)
+            into["rate"] += record["firing_rate"] * n_pairs
+            into["last"] += record["last_token_mean"] * n_pairs
+            into["pairs"] += n_pairs
+    found = {}
+    for name, into in gathered.items():
+        best, texts, windows = [], set(), set()
+        for c in sorted(into["contexts"], key=lambda c: -c["acts"][c["peak"]]):
+            # As top_contexts does over one set of texts: one context per text, no window twice
+            # (pairs that share a prompt would otherwise repeat it from shard to shard).
+            if len(best) == n_contexts or (c["pair"], c["side"]) in texts or tuple(c["tokens"]) in windows:
+                continue
+            texts.add((c["pair"], c["side"]))
+            windows.add(tuple(c["tokens"]))
+            best.append(c)
+        contexts = [Context(**{**c, "pair": int(selection.pair.iloc[c["pair"]])}) for c in best]
+        tokens = sorted(into["tokens"].items(), key=lambda item: -item[1])[:5]
+        weight = max(into["pairs"], 1)
+        node = Node.parse(name)
+        found[node] = FeatureContexts(node=node, contexts=contexts, top_tokens=tokens, firing_rate=into["rate"] / weight,
+                                      completion_max=torch.zeros(0, 2), last_token_mean=into["last"] / weight)
+    return found
+
+
+def contexts_table(found: dict[Node, Any]) -> pd.DataFrame:
+    """``top_contexts.csv``: one row per context: the feature, its rank among them, the pair (line
+    in the pairs file), side, peak activation, the peak token, and the window with the peak token
+    in [[ ]]."""
+    rows = []
+    for node, fc in found.items():
+        for rank, c in enumerate(fc.contexts, start=1):
+            text = "".join(f"[[{t}]]" if i == c.peak else t for i, t in enumerate(c.tokens))
+            rows.append(dict(node=str(node), rank=rank, pair=c.pair, side=c.side, activation=c.max_act,
+                             token=c.tokens[c.peak], context=text))
+    return pd.DataFrame(rows, columns=["node", "rank", "pair", "side", "activation", "token", "context"])

@@ -15,9 +15,10 @@ What a run does (:func:`run_study`), writing each output as soon as it is ready:
    from one clean forward each (``shards/ablation-NNNNN.safetensors``); ``fidelity.json``;
 5. ``features.csv`` (estimated and exact effects, signs explained in the columns' names),
    ``top_datapoints.csv`` (per confirmed feature, the pairs where removing it changes the margin
-   most, with both sides' rewards before and after) and ``config.json`` (resolved settings,
-   versions, forward passes, timings); ``report.html`` (the confirmed features, the card, the top
-   datapoints).
+   most, with both sides' rewards before and after), ``top_contexts.csv`` (per confirmed feature,
+   its strongest firings, read from the confirmation's clean runs) and ``config.json`` (resolved
+   settings, versions, forward passes, timings, concerns); ``report.html`` (the confirmed
+   features, the card, the top datapoints, the contexts, and what should worry the reader).
 
 Every file is written atomically; each shard file carries the config's digest. Run the same
 command again after a crash or Ctrl-C and finished shards are read back, not recomputed; the
@@ -48,16 +49,20 @@ from pm_lens.saes.node import Node
 from pm_lens.study.config import DEMO, RunConfig
 from pm_lens.study.merge import (
     confirmed_nodes,
+    contexts_record,
+    contexts_table,
     fidelity_nodes,
     load_ablations,
     merge_ablations,
     merge_attributions,
+    merge_contexts,
     run_fidelity,
     worries,
 )
 from pm_lens.study.pairs import check_kept, read_pairs, select_pairs
 
 STAMP = "run.json"
+CONTEXTS_PER_FEATURE = 5
 
 
 @dataclass(frozen=True)
@@ -106,15 +111,19 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     nodes = list(dict.fromkeys([*confirmed, *sample]))
     with _timed(timings, "confirm"):
         _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
-            rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors"))
-        ablations = load_ablations([out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))])
+            rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors",
+            confirmed=confirmed, first_row=rows[0]))
+        ablation_paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
+        ablations = load_ablations(ablation_paths)
         features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
+        contexts = merge_contexts(ablation_paths, confirmed, selection, n_contexts=CONTEXTS_PER_FEATURE)
         card = run_fidelity(ablations, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
     concerns = worries(card, ablations, features=features)
     card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
-    _write_report(out, config, features, datapoints, card, concerns)
+    write_atomic(out / "top_contexts.csv", contexts_table(contexts).to_csv(index=False))
+    _write_report(out, config, features, datapoints, card, concerns, contexts)
     forward_passes = rm.forward_count.since(counted).as_dict()
     _write_config(out, config, forward_passes, timings, rm, concerns)
     return StudyResult(features, datapoints, selection, card, concerns, out, forward_passes, timings)
@@ -207,8 +216,9 @@ def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: li
 
 
 def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], nodes: list[Node],
-                  path: Path) -> bool:
-    """Ablate ``nodes`` on one shard into ``path``; True when it was already there."""
+                  path: Path, *, confirmed: list[Node], first_row: int) -> bool:
+    """Ablate ``nodes`` on one shard into ``path``, with the top contexts of the ``confirmed``
+    features over its pairs (rows ``first_row...`` of the selection); True when it was already there."""
     if _finished(path, config, nodes=nodes):
         return True
     from pm_lens.attribution import ablate
@@ -226,11 +236,17 @@ def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[
     everything = ablate(rm, pairs, features="all", clean=clean, **common)
     # The SAEs spliced in without their error terms: how much of the margin they carry.
     spliced = ablate(rm, pairs, features=[Node.error(hook) for hook in saes], jointly=True, clean=clean, **common)
+    from pm_lens.saes.contexts import top_contexts
+
+    # Read from the clean run (no forward); three times as many as shown, for the merge to drop
+    # windows another shard holds too.
+    found = top_contexts(rm, list(saes.values()), pairs, confirmed, clean=clean, n_contexts=3 * CONTEXTS_PER_FEATURE,
+                         progress=False)
     tensors = {"chosen": result.chosen.float().contiguous(), "rejected": result.rejected.float().contiguous(),
                "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float(),
                "all_margin": everything.margin[:, 0].float().contiguous(),
                "spliced_margin": spliced.margin[:, 0].float().contiguous()}
-    _save(path, tensors, config, n_pairs=len(pairs), nodes=nodes)
+    _save(path, tensors, config, n_pairs=len(pairs), nodes=nodes, contexts=contexts_record(found, first_row))
     return False
 
 
@@ -252,17 +268,20 @@ def _finished(path: Path, config: RunConfig, *, nodes: list[Node] | None = None)
 
 
 def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoints: pd.DataFrame, card: Any,
-                  concerns: list[str]) -> None:
+                  concerns: list[str], contexts: dict[Node, Any]) -> None:
     from pm_lens.report import write_report
 
     notes = {"Top datapoints": "Per confirmed feature, the pairs where removing it changes the margin "
                                "r(chosen) - r(rejected) most: both sides' rewards before and after, and whether the "
-                               "preference flips. Contexts per feature are not in pm-lens run yet."}
+                               "preference flips (pair: its line in the pairs file, from 0).",
+             "Where the features fire": f"Per confirmed feature, its {CONTEXTS_PER_FEATURE} strongest firings over the "
+                                        "selected pairs (pair: its line in the pairs file), tokens shaded by activation; "
+                                        "also in top_contexts.csv."}
     tables = {"Top datapoints": datapoints}
     if concerns:
         tables = {"What to worry about": pd.DataFrame({"concern": concerns}), **tables}
     write_report(out / "report.html", title=f"pm-lens run: {config['model.path']}", settings=config.as_dict(),
-                 features=features, card=card, contexts={}, tables=tables, notes=notes)
+                 features=features, card=card, contexts=contexts, tables=tables, notes=notes)
 
 
 def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any,

@@ -11,6 +11,7 @@ from pm_lens import Node, RewardModel, ablate, attribute, score_pairs
 from pm_lens.cli import main
 from pm_lens.data import encode_pairs, load_pairs
 from pm_lens.data.encoding import encode_one
+from pm_lens.saes.contexts import top_contexts
 from pm_lens.testing import sparse_sae_for, tiny_hf_reward_model
 
 HOOK = "blocks.1.hook_resid_post"
@@ -61,7 +62,8 @@ shard_pairs = 4
 def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(study):
     assert main(["run", str(study["config"]), "--quiet"]) == 0
     out = study["out"]
-    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "fidelity.json", "report.html", "config.json"):
+    for name in ("features.csv", "top_datapoints.csv", "top_contexts.csv", "selection.csv", "fidelity.json",
+                 "report.html", "config.json"):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp"))
     rm = RewardModel.from_pretrained(study["model_dir"])
@@ -106,6 +108,19 @@ def test_run_from_the_cli_writes_outputs_that_independent_computations_confirm(s
     assert all(c in (out / "report.html").read_text() for c in recorded["concerns"])
     assert recorded["forward_passes"]["clean"]["sequences"] == 2 * 2 * 6  # each phase runs each side once
     assert recorded["config"]["pairs"]["k"] == 6 and recorded["dtype"] == "float32"
+    # Top contexts (merged over the shards): the strongest equals top_contexts computed here by
+    # running the model over the selected pairs; the rest follow in order, from other texts.
+    contexts = pd.read_csv(out / "top_contexts.csv")
+    assert set(contexts.node) <= set(features.node) and len(contexts)
+    node = Node(top.hook_name, int(top.feature))
+    here = top_contexts(rm, [sae], [pairs[i] for i in expected], [node], n_contexts=5, progress=False)[node]
+    mine = contexts[contexts.node == str(node)].sort_values("rank")
+    strongest = here.contexts[0]
+    assert mine.activation.iloc[0] == pytest.approx(strongest.max_act, rel=1e-4)
+    assert (mine.pair.iloc[0], mine.side.iloc[0]) == (expected[strongest.pair], strongest.side)
+    assert mine.activation.is_monotonic_decreasing and not mine.duplicated(["pair", "side"]).any()
+    assert len(mine) == len(here.contexts)
+    assert "Where the features fire" in (out / "report.html").read_text()
 
 
 def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, capsys):
@@ -136,7 +151,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_result(study, monkeypatch, ca
     assert "attributing shard 2/2: 2 pairs, read back (finished before)" in lines
     assert "confirming shard 1/2: 4 pairs, read back (finished before)" in lines
     assert any(line.startswith("confirming shard 2/2: 2 pairs, ") and "pairs/s" in line for line in lines)
-    for name in ("features.csv", "top_datapoints.csv", "selection.csv", "fidelity.json"):
+    for name in ("features.csv", "top_datapoints.csv", "top_contexts.csv", "selection.csv", "fidelity.json"):
         assert (out / name).read_text() == (study["tmp"] / "whole" / name).read_text(), name
     # A changed config refuses to resume onto the old shards, in one line.
     assert main(["run", str(study["config"]), "--quiet", "--k", "5"]) == 1
