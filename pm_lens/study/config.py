@@ -1,11 +1,12 @@
 """The settings of ``pm-lens run``: one TOML file, every key also a command-line flag.
 
-A config has five sections; every key has a default except the three a run cannot guess
-(``pairs.path``, ``saes.sources``, ``run.out``)::
+A config has five sections; every key has a default except the two a run cannot guess
+(``pairs.path``, ``run.out``) and the SAEs (``saes.sources`` or ``saes.train``)::
 
     [model]       path ("demo" or a Hugging Face reward-model folder), device, dtype, text_format, objective
     [pairs]       path, split, prompt/chosen/rejected columns, max_tokens, select, k, seed
-    [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo")
+    [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo"), and/or train
+                  (hook points) with train_d_sae, train_architecture, train_k, train_tokens, train_seed
     [attribution] method, positions, baseline, ig_steps, batch_tokens, confirm_top, fidelity_top, n_random, seed
     [run]         out, shard_pairs
 
@@ -66,8 +67,17 @@ KEYS = (
         choices=("top_margin", "random", "all")),
     Key("pairs", "k", int, 100, "how many pairs to keep (top_margin, random)", minimum=1),
     Key("pairs", "seed", int, 0, "seed of select=random", flag="pairs-seed"),
-    Key("saes", "sources", list, REQUIRED, 'SAE folders or checkpoints (comma-separated as a flag), or ["demo"]',
+    Key("saes", "sources", list, [], 'SAE folders or checkpoints (comma-separated as a flag), or ["demo"]',
         flag="saes"),
+    Key("saes", "train", list, [], "hook points to train SAEs at on the PM's activations over the selected pairs "
+        "(comma-separated as a flag), e.g. blocks.6.hook_resid_post; saved in <out>/saes and used beside sources",
+        flag="train-saes"),
+    Key("saes", "train_d_sae", int, 4096, "features per trained SAE", minimum=1),
+    Key("saes", "train_architecture", str, "topk", "architecture of the trained SAEs",
+        choices=("topk", "standard", "jumprelu", "gated")),
+    Key("saes", "train_k", int, 32, "active features per token (train_architecture = topk)", minimum=1),
+    Key("saes", "train_tokens", int, 0, "training tokens (0: pm_lens's default budget, see train_saes)", minimum=0),
+    Key("saes", "train_seed", int, 0, "seed of the SAE training"),
     Key("attribution", "method", str, "atp", "attribution method", choices=("atp", "ig")),
     Key("attribution", "positions", str, "all", "positions attributed", choices=("all", "completion", "diverge")),
     Key("attribution", "baseline", str, "zero", "value a removed feature takes (the mean baseline, "
@@ -146,8 +156,8 @@ def _checked(key: Key, value: Any) -> Any:
     if key.kind is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise ValueError(f"{key.dotted} must be a non-empty list of paths, got {value!r}")
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{key.dotted} must be a list of non-empty strings, got {value!r}")
         return value
     if key.kind is int:
         if isinstance(value, str):
@@ -188,6 +198,9 @@ def _check_paths(config: RunConfig) -> None:
         raise ValueError(f"model.path {model!r} is not a folder (a saved Hugging Face reward model) nor 'demo'")
     if not Path(config["pairs.path"]).exists():
         raise ValueError(f"pairs.path {config['pairs.path']!r} does not exist")
+    if not config["saes.sources"] and not config["saes.train"]:
+        raise ValueError("no SAEs: name saes.sources (SAE folders or checkpoints, --saes) or hook points to train at "
+                         "(saes.train, --train-saes)")
     for source in config["saes.sources"]:
         if source != DEMO and not Path(source).exists():
             raise ValueError(f"saes.sources: {source!r} does not exist (give SAE folders or checkpoint files, or 'demo')")

@@ -65,3 +65,12 @@ def check_saes_fit(fields: dict[str, Any], saes: list[Any], sources: list[str]) 
         if width is not None and sae.cfg.d_in != width:
             raise ValueError(f"saes.sources: {source!r} has d_in = {sae.cfg.d_in} but the activation at {hook} has "
                              f"{width} values ({why}): the SAE was trained on another model")
+
+
+def check_train_hooks(fields: dict[str, Any], hooks: list[str]) -> None:
+    """Refuse ``saes.train`` hook points in layers the model does not have."""
+    for hook in hooks:
+        try:
+            hook_width(fields, hook)
+        except ValueError as err:
+            raise ValueError(f"saes.train: {hook!r} is not a hook point of this model: {err}") from None

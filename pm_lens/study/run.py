@@ -87,17 +87,22 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     timings: dict[str, float] = {}
     start = time.perf_counter()
     loaded = _load_saes(config)  # and checked against the model's config, before the model loads
-    rm, saes = _load(config, loaded)
+    rm = _load(config)
     timings["load"] = time.perf_counter() - start
     counted = rm.forward_count.snapshot()
     if dry_run:
-        _print_plan(config, rm, saes, pairs)
+        _print_plan(config, rm, loaded, pairs)
         return None
     out.mkdir(parents=True, exist_ok=True)
     _claim(out, config)
     with _timed(timings, "select"):
         selection = select_pairs(rm, pairs, config, out, lengths=lengths, progress=progress)
     chosen_pairs = [pairs[i] for i in selection.pair]
+    with _timed(timings, "train_saes"):
+        trained = _train_saes(rm, config, chosen_pairs, out, progress)
+    from pm_lens.attribution.nodes import resolve_saes
+
+    saes = resolve_saes(rm, [*loaded, *trained])
     shards = [list(range(s, min(s + config["run.shard_pairs"], len(chosen_pairs))))
               for s in range(0, len(chosen_pairs), config["run.shard_pairs"])]
     (out / "shards").mkdir(exist_ok=True)
@@ -154,17 +159,49 @@ def _load_saes(config: RunConfig) -> list[Any]:
     from pm_lens.saes import load_sae
 
     saes = [load_sae(source, device=device, dtype=dtype) for source in config["saes.sources"]]
+    both = sorted({sae.cfg.metadata.hook_name for sae in saes} & set(config["saes.train"]))
+    if both:
+        raise ValueError(f"saes.train names {both}, where an SAE of saes.sources reads already; one SAE per hook point")
     if config["model.path"] != DEMO:
-        from pm_lens.study.fit import check_context, check_saes_fit, model_fields
+        from pm_lens.study.fit import check_context, check_saes_fit, check_train_hooks, model_fields
 
         fields = model_fields(config["model.path"])
         check_context(config, fields)
         check_saes_fit(fields, saes, config["saes.sources"])
+        check_train_hooks(fields, config["saes.train"])
     return saes
 
 
-def _load(config: RunConfig, loaded: list[Any]) -> tuple[Any, dict[str, Any]]:
-    """The reward model, and the SAEs ``loaded`` checked against it, by hook name."""
+def _train_saes(rm: Any, config: RunConfig, pairs: list[PreferencePair], out: Path, progress: bool) -> list[Any]:
+    """SAEs trained at ``saes.train`` on the PM's activations over the selected ``pairs``, saved
+    in ``<out>/saes/<hook>/`` (trained into ``saes.partial`` and renamed when all are done, so a
+    crash leaves no half-written SAE); read back when a resumed run finds them."""
+    hooks = config["saes.train"]
+    if not hooks:
+        return []
+    from pm_lens.saes import load_sae
+
+    folder = out / "saes"
+    if not folder.exists():
+        import shutil
+
+        from pm_lens.saes import train_saes
+
+        partial = out / "saes.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        architecture = config["saes.train_architecture"]
+        with rm.counting("train_saes"):
+            train_saes(rm, pairs, hook_names=hooks, d_sae=config["saes.train_d_sae"], architecture=architecture,
+                       k=config["saes.train_k"] if architecture == "topk" else None,
+                       training_tokens=config["saes.train_tokens"] or None, seed=config["saes.train_seed"],
+                       out_dir=partial, progress=progress)
+        partial.rename(folder)
+    dtype = str(rm.cfg.dtype).replace("torch.", "")
+    return [load_sae(folder / hook, device=rm.cfg.device, dtype=dtype) for hook in hooks]
+
+
+def _load(config: RunConfig) -> Any:
+    """The reward model."""
     from pm_lens.model import RewardModel
 
     device, dtype = config["model.device"], config["model.dtype"]
@@ -175,9 +212,7 @@ def _load(config: RunConfig, loaded: list[Any]) -> tuple[Any, dict[str, Any]]:
     else:
         rm = RewardModel.from_pretrained(config["model.path"], device=device, dtype=dtype, objective=config["model.objective"])
     rm.text_format = config["model.text_format"]
-    from pm_lens.attribution.nodes import resolve_saes
-
-    return rm, resolve_saes(rm, loaded)
+    return rm
 
 
 def _claim(out: Path, config: RunConfig) -> None:
@@ -295,7 +330,7 @@ def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: d
     }, indent=2))
 
 
-def _print_plan(config: RunConfig, rm: Any, saes: dict[str, Any], pairs: list[PreferencePair]) -> None:
+def _print_plan(config: RunConfig, rm: Any, saes: list[Any], pairs: list[PreferencePair]) -> None:
     from pm_lens.study.pairs import pair_lengths
 
     lengths = pair_lengths(rm.tokenizer, rm.text_format, pairs)
@@ -305,8 +340,11 @@ def _print_plan(config: RunConfig, rm: Any, saes: dict[str, Any], pairs: list[Pr
     shards = -(-k // config["run.shard_pairs"]) if k else 0
     print(f"pairs: {len(pairs)} read, {kept} within {config['pairs.max_tokens']} tokens, {k} selected "
           f"({config['pairs.select']}); about {tokens} tokens over both sides; {shards} shard(s)")
-    for hook, sae in saes.items():
-        print(f"SAE at {hook}: {sae.cfg.d_sae} features")
+    for sae in saes:
+        print(f"SAE at {sae.cfg.metadata.hook_name}: {sae.cfg.d_sae} features")
+    for hook in config["saes.train"]:
+        print(f"SAE at {hook}: {config['saes.train_d_sae']} features, trained ({config['saes.train_architecture']}) on "
+              f"the {k} selected pairs before the attribution")
     selection = kept if config["pairs.select"] == "top_margin" else 0
     print(f"forward passes (sequences): selection {2 * selection}, attribution {2 * k} forward+backward, "
           f"confirmation {2 * k} clean + up to {2 * k * 2 * config['attribution.confirm_top']} ablations")

@@ -186,6 +186,11 @@ def misfit_saes(folder):
     ("", ["--chosen-column", "answer"], "has no column chosen: 'answer'"),
     ("", ["--baseline", "mean"], "attribution.baseline must be one of 'zero'"),
     ("", ["--max-tokens", "500"], "pairs.max_tokens = 500 exceeds the context of the model at"),
+    ("", ["--train-saes", "blocks.9.hook_resid_post"], "saes.train: 'blocks.9.hook_resid_post' is not a hook point of "
+                                                       "this model: the model has 3 layers"),
+    ("", ["--train-saes", HOOK], f"saes.train names ['{HOOK}'], where an SAE of saes.sources reads already"),
+    ("", ["--train-d-sae", "0"], "saes.train_d_sae must be >= 1, got 0"),
+    ("", ["--train-architecture", "relu"], "saes.train_architecture must be one of 'topk', 'standard'"),
     ("", ["--saes", "{wide_sae}"], "has d_in = 48 but the activation at blocks.1.hook_resid_post has 64 values "
                                    "(d_model = 64): the SAE was trained on another model"),
     ("", ["--saes", "{deep_sae}"], "reads blocks.7.hook_resid_post, but the model has 3 layers (blocks.0 to blocks.2)"),
@@ -275,3 +280,32 @@ def test_a_feature_whose_effect_comes_from_a_massive_activation_is_a_concern(tmp
     assert features.outlier_share[sink] == pytest.approx(expected, rel=1e-4)
     concerns = json.loads((tmp_path / "out" / "config.json").read_text())["concerns"]
     assert any(sink in c and "positions = 'completion' or 'diverge'" in c for c in concerns), concerns
+
+
+def test_saes_trained_from_the_config_are_the_ones_train_saes_gives_and_are_reused(study, monkeypatch):
+    """--train-saes trains on the selected pairs (same seed and data: the same weights as calling
+    train_saes here), saves them in <out>/saes, attributes with them beside the sources, and a
+    resumed run reads them back instead of training again."""
+    import pm_lens.saes as saes_module
+    from pm_lens.saes import load_sae, train_saes
+
+    hook = "blocks.2.hook_resid_post"
+    flags = ["--train-saes", hook, "--train-d-sae", "32", "--train-k", "4", "--train-tokens", "2000", "--quiet"]
+    assert main(["run", str(study["config"]), *flags]) == 0
+    out = study["out"]
+    saved = load_sae(out / "saes" / hook)
+    assert not (out / "saes.partial").exists()
+    rm = RewardModel.from_pretrained(study["model_dir"])
+    selected = [study["pairs"][i] for i in pd.read_csv(out / "selection.csv").pair]
+    here = train_saes(rm, selected, hook_names=[hook], d_sae=32, architecture="topk", k=4, training_tokens=2000, seed=0,
+                      progress=False).saes[hook]
+    assert torch.allclose(saved.W_enc, here.W_enc) and torch.allclose(saved.W_dec, here.W_dec)
+    from safetensors.torch import load_file
+
+    shard = load_file(str(out / "shards" / "attribution-00000.safetensors"))
+    assert f"chosen.{hook}.error" in shard and f"chosen.{HOOK}.error" in shard  # attributed with both SAEs
+    before = (out / "features.csv").read_text()
+    (out / "features.csv").unlink()
+    monkeypatch.setattr(saes_module, "train_saes", lambda *a, **k: pytest.fail("trained again"))
+    assert main(["run", str(study["config"]), *flags]) == 0
+    assert (out / "features.csv").read_text() == before
