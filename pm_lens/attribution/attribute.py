@@ -63,6 +63,7 @@ def attribute(
     positions: str = "all",
     ig_steps: int = 8,
     reference_pairs: PairsLike | None = None,
+    baselines: Mapping[str, Tensor] | None = None,
     skip_first: bool = SKIP_FIRST,
     batch_tokens: int = 4096,
     truncate: bool = False,
@@ -82,6 +83,9 @@ def attribute(
             batch and side) or ``"ig"`` (integrated gradients with ``ig_steps`` steps).
         baseline: ``"zero"`` or ``"mean"`` (each feature's mean activation over the selected
             positions of ``reference_pairs``, default ``pairs``).
+        baselines: per hook, ``[d_sae]`` values computed beforehand (e.g. the mean over a larger
+            set of pairs, attributed in parts): used as they are, with ``baseline`` naming what
+            they are; ``reference_pairs`` is then unused.
         positions: ``"all"``, ``"completion"`` or ``"diverge"`` (see ``pm_lens.attribution.positions``).
         skip_first: leave each sequence's first token out (default ``pm_lens.data.SKIP_FIRST``:
             it is a massive-activation attention sink in most PMs).
@@ -105,8 +109,11 @@ def attribute(
     clean_settings = CleanSettings(positions, skip_first, rm.text_format, truncate)
     builder = CleanRunBuilder(pairs, by_hook, clean_settings, clean_budget_bytes)
     with plain_model(rm, by_hook):
-        baselines = feature_baselines(rm, by_hook, reference_pairs, baseline=baseline, positions=positions,
-                                      skip_first=skip_first, batch_tokens=batch_tokens, truncate=truncate)
+        if baselines is None:
+            baselines = feature_baselines(rm, by_hook, reference_pairs, baseline=baseline, positions=positions,
+                                          skip_first=skip_first, batch_tokens=batch_tokens, truncate=truncate)
+        else:
+            baselines = _given_baselines(baselines, by_hook)
         parts: list[tuple[_SideResult, _SideResult]] = []
         batches = pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate)
         for batch in tqdm(batches, desc=f"attributing ({method})", disable=not progress or len(batches) < 2, unit="batch"):
@@ -130,6 +137,21 @@ def _check_args(target: str, method: str, baseline: str, positions: str, ig_step
         raise ValueError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens must be an integer >= 1, got {batch_tokens!r}")
+
+
+def _given_baselines(baselines: Mapping[str, Tensor], saes: dict[str, SAE]) -> dict[str, Tensor]:
+    """``baselines`` checked against the SAEs (one ``[d_sae]`` vector per hook), on their device
+    and in their dtype."""
+    missing = sorted(set(saes) - set(baselines))
+    if missing:
+        raise ValueError(f"baselines has no values for {missing}; give one [d_sae] tensor per SAE hook")
+    out = {}
+    for name, sae in saes.items():
+        value = torch.as_tensor(baselines[name])
+        if tuple(value.shape) != (sae.cfg.d_sae,):
+            raise ValueError(f"baselines[{name!r}] has shape {tuple(value.shape)}; the SAE there needs ({sae.cfg.d_sae},)")
+        out[name] = value.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    return out
 
 
 def feature_baselines(

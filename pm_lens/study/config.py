@@ -80,8 +80,8 @@ KEYS = (
     Key("saes", "train_seed", int, 0, "seed of the SAE training"),
     Key("attribution", "method", str, "atp", "attribution method", choices=("atp", "ig")),
     Key("attribution", "positions", str, "all", "positions attributed", choices=("all", "completion", "diverge")),
-    Key("attribution", "baseline", str, "zero", "value a removed feature takes (the mean baseline, "
-        "which needs a pass over every pair before the shards, is not in pm-lens run yet)", choices=("zero",)),
+    Key("attribution", "baseline", str, "zero", "value a removed feature takes: zero, or its mean activation over the "
+        "selected pairs (one more forward of each pair, before the shards)", choices=("zero", "mean")),
     Key("attribution", "ig_steps", int, 8, "integrated-gradient steps (method=ig)", minimum=1),
     Key("attribution", "batch_tokens", int, 4096, "tokens per forward", minimum=1),
     Key("attribution", "confirm_top", int, 10, "features confirmed by exact ablation per direction", minimum=1),

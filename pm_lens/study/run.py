@@ -103,12 +103,15 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     from pm_lens.attribution.nodes import resolve_saes
 
     saes = resolve_saes(rm, [*loaded, *trained])
+    with _timed(timings, "baseline"):
+        baselines = _baselines(rm, saes, config, chosen_pairs, out)
     shards = [list(range(s, min(s + config["run.shard_pairs"], len(chosen_pairs))))
               for s in range(0, len(chosen_pairs), config["run.shard_pairs"])]
     (out / "shards").mkdir(exist_ok=True)
     with _timed(timings, "attribute"):
         _each_shard("attributing", shards, progress, lambda i, rows: _attribute_shard(
-            rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors"))
+            rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors",
+            baselines))
         ranking, totals = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))],
                                              saes)
     confirmed = confirmed_nodes(ranking, config["attribution.confirm_top"])
@@ -117,7 +120,7 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     with _timed(timings, "confirm"):
         _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
             rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors",
-            confirmed=confirmed, first_row=rows[0]))
+            confirmed=confirmed, first_row=rows[0], baselines=baselines))
         ablation_paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
         ablations = load_ablations(ablation_paths)
         features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
@@ -227,31 +230,59 @@ def _claim(out: Path, config: RunConfig) -> None:
     write_atomic(stamp, json.dumps({"digest": config.digest(), "config": config.as_dict()}, indent=2))
 
 
-def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], path: Path) -> bool:
+def _baselines(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair],
+               out: Path) -> dict[str, torch.Tensor] | None:
+    """For ``baseline = "mean"``: each feature's mean activation over the selected positions of all
+    selected pairs, computed once before the shards (so every shard removes features to the same
+    values) and kept in ``baselines.safetensors``; None for the zero baseline."""
+    if config["attribution.baseline"] == "zero":
+        return None
+    path = out / "baselines.safetensors"
+    if _finished(path, config):
+        from safetensors.torch import load_file
+
+        return {hook: value.to(rm.cfg.device) for hook, value in load_file(str(path)).items()}
+    from pm_lens.attribution.attribute import feature_baselines
+    from pm_lens.attribution.nodes import plain_model
+    from pm_lens.data import SKIP_FIRST
+
+    with plain_model(rm, saes):
+        values = feature_baselines(rm, saes, pairs, baseline="mean", positions=config["attribution.positions"],
+                                   skip_first=SKIP_FIRST, batch_tokens=config["attribution.batch_tokens"])
+    _save(path, {hook: value.float() for hook, value in values.items()}, config, n_pairs=len(pairs))
+    return values
+
+
+def _attribute_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], path: Path,
+                     baselines: dict[str, torch.Tensor] | None) -> bool:
     """Attribute one shard into ``path``; True when it was already there."""
     if _finished(path, config):
         return True
     from pm_lens.attribution import attribute
 
     result = attribute(rm, pairs, saes=saes, method=config["attribution.method"], baseline=config["attribution.baseline"],
-                       positions=config["attribution.positions"], ig_steps=config["attribution.ig_steps"],
+                       baselines=baselines, positions=config["attribution.positions"], ig_steps=config["attribution.ig_steps"],
                        batch_tokens=config["attribution.batch_tokens"], clean_budget_bytes=0, progress=False)
     tensors = {"chosen_rewards": result.chosen.rewards.float(), "rejected_rewards": result.rejected.rewards.float()}
     for hook in saes:
         for side in ("chosen", "rejected"):
-            effects = getattr(result, side).features[hook].float().coalesce()
+            effects = _sparse(getattr(result, side).features[hook].float())  # dense with the mean baseline
             tensors[f"{side}.{hook}.indices"] = effects.indices().contiguous()
             tensors[f"{side}.{hook}.values"] = effects.values().contiguous()
             tensors[f"{side}.{hook}.error"] = getattr(result, side).errors[hook].float().contiguous()
-            outlier = getattr(result, side).outlier_features[hook].float().coalesce()  # from massive-activation positions
+            outlier = _sparse(getattr(result, side).outlier_features[hook].float())  # from massive-activation positions
             tensors[f"{side}.{hook}.outlier.indices"] = outlier.indices().contiguous()
             tensors[f"{side}.{hook}.outlier.values"] = outlier.values().contiguous()
     _save(path, tensors, config, n_pairs=len(pairs))
     return False
 
 
+def _sparse(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.coalesce() if tensor.is_sparse else tensor.to_sparse()
+
+
 def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair], nodes: list[Node],
-                  path: Path, *, confirmed: list[Node], first_row: int) -> bool:
+                  path: Path, *, confirmed: list[Node], first_row: int, baselines: dict[str, torch.Tensor] | None) -> bool:
     """Ablate ``nodes`` on one shard into ``path``, with the top contexts of the ``confirmed``
     features over its pairs (rows ``first_row...`` of the selection); True when it was already there."""
     if _finished(path, config, nodes=nodes):
@@ -261,8 +292,8 @@ def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[
     from pm_lens.attribution.clean import CleanSettings, build_clean_run
     from pm_lens.data import SKIP_FIRST
 
-    common = dict(saes=saes, baseline=config["attribution.baseline"], positions=config["attribution.positions"],
-                  batch_tokens=config["attribution.batch_tokens"], progress=False)
+    common = dict(saes=saes, baseline=config["attribution.baseline"], baselines=baselines,
+                  positions=config["attribution.positions"], batch_tokens=config["attribution.batch_tokens"], progress=False)
     # One clean forward of the shard, shared by both ablations.
     batches = pair_batches(rm, pairs, batch_tokens=config["attribution.batch_tokens"])
     clean = build_clean_run(rm, pairs, batches, saes, CleanSettings(config["attribution.positions"], SKIP_FIRST,

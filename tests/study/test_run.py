@@ -11,6 +11,7 @@ from pm_lens import Node, RewardModel, ablate, attribute, score_pairs
 from pm_lens.cli import main
 from pm_lens.data import encode_pairs, load_pairs
 from pm_lens.data.encoding import encode_one
+from pm_lens.saes import load_sae
 from pm_lens.saes.contexts import top_contexts
 from pm_lens.testing import sparse_sae_for, tiny_hf_reward_model
 
@@ -184,7 +185,7 @@ def misfit_saes(folder):
     ("", ["--saes", "/no/sae"], "saes.sources: '/no/sae' does not exist"),
     ("", ["--saes", "demo"], "'demo' means the embedded demo PM's SAEs, alone and with model.path = 'demo'"),
     ("", ["--chosen-column", "answer"], "has no column chosen: 'answer'"),
-    ("", ["--baseline", "mean"], "attribution.baseline must be one of 'zero'"),
+    ("", ["--baseline", "median"], "attribution.baseline must be one of 'zero', 'mean'; got 'median'"),
     ("", ["--max-tokens", "500"], "pairs.max_tokens = 500 exceeds the context of the model at"),
     ("", ["--train-saes", "blocks.9.hook_resid_post"], "saes.train: 'blocks.9.hook_resid_post' is not a hook point of "
                                                        "this model: the model has 3 layers"),
@@ -309,3 +310,21 @@ def test_saes_trained_from_the_config_are_the_ones_train_saes_gives_and_are_reus
     monkeypatch.setattr(saes_module, "train_saes", lambda *a, **k: pytest.fail("trained again"))
     assert main(["run", str(study["config"]), *flags]) == 0
     assert (out / "features.csv").read_text() == before
+
+
+def test_a_mean_baseline_run_removes_features_to_their_mean_over_all_selected_pairs(study):
+    """baseline = mean: one mean over every selected pair (not per shard); the top feature's
+    estimated and exact effects equal attribute() and ablate() on all selected pairs at once."""
+    assert main(["run", str(study["config"]), "--quiet", "--baseline", "mean"]) == 0
+    out = study["out"]
+    rm = RewardModel.from_pretrained(study["model_dir"])
+    sae = load_sae(study["sae_dir"])
+    selected = [study["pairs"][i] for i in pd.read_csv(out / "selection.csv").pair]
+    whole = attribute(rm, selected, saes=[sae], baseline="mean", progress=False)
+    top = pd.read_csv(out / "features.csv").iloc[0]
+    node = Node(top.hook_name, int(top.feature))
+    assert top.estimated_margin_effect == pytest.approx(float(whole.ranking().set_index("node").effect[str(node)]),
+                                                        rel=1e-4, abs=1e-6)
+    exact = ablate(rm, selected, saes=[sae], features=[node], baselines=whole.baselines, progress=False)
+    assert top.exact_margin_effect == pytest.approx(float(exact.margin.mean()), rel=1e-4, abs=1e-6)
+    assert (out / "baselines.safetensors").is_file()
