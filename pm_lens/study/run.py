@@ -47,6 +47,7 @@ from pm_lens.data import PreferencePair
 from pm_lens.io import versions, write_atomic
 from pm_lens.saes.node import Node
 from pm_lens.study.config import DEMO, RunConfig
+from pm_lens.study.distributed import Ranks
 from pm_lens.study.merge import (
     confirmed_nodes,
     contexts_record,
@@ -80,38 +81,52 @@ class StudyResult:
 
 
 def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False) -> StudyResult | None:
-    """Run (or resume) the study ``config`` describes; with ``dry_run`` print the plan and stop."""
+    """Run (or resume) the study ``config`` describes; with ``dry_run`` print the plan and stop.
+
+    Under ``torchrun`` each process takes its share of the shards (:mod:`pm_lens.study.distributed`);
+    rank 0 returns the result, the other ranks None."""
+    ranks = Ranks.start(config["model.device"])
+    try:
+        return _run_study(config, ranks, progress=progress, dry_run=dry_run)
+    finally:
+        ranks.stop()
+
+
+def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool) -> StudyResult | None:
     out = Path(config["run.out"])
+    device = ranks.device(config["model.device"])
     pairs = read_pairs(config)
     lengths = check_kept(config, pairs)  # with the tokenizer alone, before the model loads
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = _load_saes(config)  # and checked against the model's config, before the model loads
-    rm = _load(config)
+    loaded = _load_saes(config, device)  # and checked against the model's config, before the model loads
+    rm = _load(config, device)
     timings["load"] = time.perf_counter() - start
     counted = rm.forward_count.snapshot()
     if dry_run:
-        _print_plan(config, rm, loaded, pairs)
+        if ranks.is_main:
+            _print_plan(config, rm, loaded, pairs)
         return None
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, config)
+    _main_first(ranks, lambda: _claim(out, config))
     with _timed(timings, "select"):
-        selection = select_pairs(rm, pairs, config, out, lengths=lengths, progress=progress)
+        selection = _main_first(ranks, lambda: select_pairs(rm, pairs, config, out, lengths=lengths, progress=progress))
     chosen_pairs = [pairs[i] for i in selection.pair]
     with _timed(timings, "train_saes"):
-        trained = _train_saes(rm, config, chosen_pairs, out, progress)
+        trained = _main_first(ranks, lambda: _train_saes(rm, config, chosen_pairs, out, progress))
     from pm_lens.attribution.nodes import resolve_saes
 
     saes = resolve_saes(rm, [*loaded, *trained])
     with _timed(timings, "baseline"):
-        baselines = _baselines(rm, saes, config, chosen_pairs, out)
+        baselines = _main_first(ranks, lambda: _baselines(rm, saes, config, chosen_pairs, out))
     shards = [list(range(s, min(s + config["run.shard_pairs"], len(chosen_pairs))))
               for s in range(0, len(chosen_pairs), config["run.shard_pairs"])]
     (out / "shards").mkdir(exist_ok=True)
     with _timed(timings, "attribute"):
         _each_shard("attributing", shards, progress, lambda i, rows: _attribute_shard(
             rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors",
-            baselines))
+            baselines), ranks)
+        ranks.barrier()  # every rank's shards are on disk
         ranking, totals = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))],
                                              saes)
     confirmed = confirmed_nodes(ranking, config["attribution.confirm_top"])
@@ -120,7 +135,12 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     with _timed(timings, "confirm"):
         _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
             rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors",
-            confirmed=confirmed, first_row=rows[0], baselines=baselines))
+            confirmed=confirmed, first_row=rows[0], baselines=baselines), ranks)
+        ranks.barrier()
+    counts = ranks.gather(rm.forward_count.since(counted))
+    if not ranks.is_main:
+        return None
+    with _timed(timings, "confirm"):
         ablation_paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
         ablations = load_ablations(ablation_paths)
         features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
@@ -132,29 +152,52 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
     write_atomic(out / "top_contexts.csv", contexts_table(contexts).to_csv(index=False))
     _write_report(out, config, features, datapoints, card, concerns, contexts)
-    forward_passes = rm.forward_count.since(counted).as_dict()
+    forward_passes = _summed(counts).as_dict()
     _write_config(out, config, forward_passes, timings, rm, concerns)
     return StudyResult(features, datapoints, selection, card, concerns, out, forward_passes, timings)
 
 
-def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any) -> None:
-    """Run ``work(index, rows)`` on every shard under one bar counting pairs (pairs/s, ETA), with
-    a line per shard: computed (and how fast) or read back from a finished run."""
-    with tqdm(total=sum(map(len, shards)), desc=stage, unit="pair", disable=not progress) as bar:
-        for i, rows in enumerate(shards):
+def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any, ranks: Ranks) -> None:
+    """Run ``work(index, rows)`` on this rank's shards under one bar counting pairs (pairs/s, ETA),
+    with a line per shard: computed (and how fast) or read back from a finished run."""
+    mine = [(i, rows) for i, rows in enumerate(shards) if ranks.owns(i)]
+    who = f"[rank {ranks.rank}] " if ranks.world_size > 1 else ""
+    with tqdm(total=sum(len(rows) for _, rows in mine), desc=who + stage, unit="pair", disable=not progress,
+              position=ranks.rank) as bar:
+        for i, rows in mine:
             start = time.perf_counter()
             done = work(i, rows)
             seconds = time.perf_counter() - start
             if progress:
                 what = "read back (finished before)" if done else f"{seconds:.1f} s, {len(rows) / max(seconds, 1e-9):.2f} pairs/s"
-                bar.write(f"{stage} shard {i + 1}/{len(shards)}: {len(rows)} pairs, {what}")
+                bar.write(f"{who}{stage} shard {i + 1}/{len(shards)}: {len(rows)} pairs, {what}")
             bar.update(len(rows))
 
 
-def _load_saes(config: RunConfig) -> list[Any]:
+def _main_first(ranks: Ranks, work: Any) -> Any:
+    """``work()`` on rank 0 while the others wait, then on the others, which read back what rank 0
+    wrote (each step called so is resumable: it reads its file when the file is there)."""
+    result = work() if ranks.is_main else None
+    ranks.barrier()
+    return result if ranks.is_main else work()
+
+
+def _summed(counts: list[Any]) -> Any:
+    """The forward counts of all ranks added up."""
+    from pm_lens.model.runs import ForwardCount
+
+    total = ForwardCount()
+    for count in counts:
+        total.passes.update(count.passes)
+        total.sequences.update(count.sequences)
+        total.tokens.update(count.tokens)
+    return total
+
+
+def _load_saes(config: RunConfig, device: str) -> list[Any]:
     """The config's SAEs; for a model folder, checked against its config and the token limit
     against its context (:mod:`pm_lens.study.fit`), so a misfit fails before the model loads."""
-    device, dtype = config["model.device"], config["model.dtype"]  # SAEs run in the model's dtype
+    dtype = config["model.dtype"]  # SAEs run in the model's dtype
     if config["saes.sources"] == [DEMO]:
         from pm_lens.demo_pm import demo_saes
 
@@ -203,11 +246,11 @@ def _train_saes(rm: Any, config: RunConfig, pairs: list[PreferencePair], out: Pa
     return [load_sae(folder / hook, device=rm.cfg.device, dtype=dtype) for hook in hooks]
 
 
-def _load(config: RunConfig) -> Any:
-    """The reward model."""
+def _load(config: RunConfig, device: str) -> Any:
+    """The reward model, on ``device``."""
     from pm_lens.model import RewardModel
 
-    device, dtype = config["model.device"], config["model.dtype"]
+    dtype = config["model.dtype"]
     if config["model.path"] == DEMO:
         from pm_lens.demo_pm import demo_reward_model
 
@@ -405,4 +448,5 @@ def print_summary(result: StudyResult) -> None:
         print(f"WORRY: {concern}")
     passes = ", ".join(f"{k} {v['passes']} ({v['sequences']} sequences)" for k, v in result.forward_passes.items())
     print(f"\n{len(result.selection)} pairs; forward passes: {passes}")
-    print(f"wrote {result.out}/features.csv, top_datapoints.csv, selection.csv, fidelity.json, report.html, config.json")
+    print(f"wrote {result.out}/features.csv, top_datapoints.csv, top_contexts.csv, selection.csv, fidelity.json, "
+          "report.html, config.json")
