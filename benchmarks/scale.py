@@ -99,7 +99,7 @@ def make_study_files(folder: Path, n_pairs: int) -> dict[str, Path]:
     return dict(model=model_dir, sae=sae_dir, pairs=pairs_path)
 
 
-def child_run(folder: str, n_pairs: int) -> dict:
+def child_run(folder: str, n_pairs: int, light: bool = False) -> dict:
     from pm_lens.study.config import load_config
     from pm_lens.study.run import run_study
 
@@ -107,7 +107,9 @@ def child_run(folder: str, n_pairs: int) -> dict:
     out = Path(folder) / f"out-{n_pairs}"
     config = load_config(None, {"model.path": str(files["model"]), "pairs.path": str(files["pairs"]),
                                 "pairs.k": n_pairs, "pairs.max_tokens": 128, "saes.sources": [str(files["sae"])],
-                                "run.out": str(out), "run.shard_pairs": 100})
+                                "run.out": str(out), "run.shard_pairs": 100,
+                                **({"attribution.confirm_top": 3, "attribution.fidelity_top": 5, "attribution.n_random": 5}
+                                   if light else {})})
     base = _rss_kib("VmRSS")
     start = time.perf_counter()
     result = run_study(config, progress=False)
@@ -120,10 +122,12 @@ def sizes(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for n in map(int, args.sizes.split(",")):
-            rows.append(_child(["_run", folder, str(n)]))
+            rows.append(_child(["_run", folder, str(n), "light" if args.light else ""]))
             r = rows[-1]
             print(f"  {r['pairs']:>5} pairs: {r['wall_s']:7.1f} s, peak +{r['peak_mib']:6.0f} MiB", flush=True)
-    print("\n(a) pm-lens run on a small model (4 layers, d_model 64, one SAE of 512 features, shards of 100 pairs)")
+    nodes = "16 nodes ablated per pair (--light)" if args.light else "up to 120 nodes ablated per pair (defaults)"
+    print(f"\n(a) pm-lens run on a small model (4 layers, d_model 64, one SAE of 512 features, shards of 100 pairs, "
+          f"{nodes})")
     print(f"{'pairs':>6} {'wall s':>8} {'s/pair':>8} {'select':>7} {'attrib':>7} {'confirm':>8} {'peak MiB':>9}")
     for r in rows:
         t = r["timings"]
@@ -390,7 +394,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         name, *rest = sys.argv[1:]
         if name == "_run":
-            result = child_run(rest[0], int(rest[1]))
+            result = child_run(rest[0], int(rest[1]), light=len(rest) > 2 and rest[2] == "light")
         elif name == "_load":
             result = child_load(*rest)
         elif name == "_wide":
@@ -403,6 +407,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     a = sub.add_parser("sizes", help="(a) time and memory for 100, 1k, 5k pairs")
     a.add_argument("--sizes", default="100,1000,5000")
+    a.add_argument("--light", action="store_true", help="confirm 3 features per direction and a fidelity sample of "
+                   "5 + 5 (instead of 10, 50 + 50): the same stages, ~8x less confirmation work")
     b = sub.add_parser("load", help="(b) peak memory of loading a >= 1B-parameter model")
     b.add_argument("--layers", type=int, default=3)
     b.add_argument("--dtype", default="bfloat16")
