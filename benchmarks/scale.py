@@ -390,6 +390,35 @@ def wide_run(args: argparse.Namespace) -> None:
         print(f"  {row['node']}: estimated {row['estimated_margin_effect']:+.4f}, exact {row['exact_margin_effect']:+.4f}")
 
 
+# ---- memory plan (issue 13) ---------------------------------------------------------------
+
+# Widths of common reward-model bodies: (name, n_layers, d_model, d_mlp, vocab, parameters).
+BODIES = (("7B (Mistral-7B)", 32, 4096, 14336, 32000, 7.2e9), ("27B (Gemma-2-27B)", 46, 4608, 36864, 256000, 27.2e9),
+          ("70B (Llama-3-70B)", 80, 8192, 28672, 128256, 70.6e9))
+# Activations kept for the backward pass, per token and layer, measured on an H200 in bf16 at
+# Llama-3-8B widths (d_model 4096, d_mlp 14336): benchmarks/results/gpu_check_h200.log, (c).
+MEASURED_ACT_BYTES = 176.1 * 1024
+MEASURED_WIDTH = 4096 + 14336
+
+
+def plan(args: argparse.Namespace) -> None:
+    """Memory of one attribution batch for 7B/27B/70B PMs with 6 SAEs of 32k-131k features."""
+    print(f"memory plan: bf16 weights, 6 SAEs (bf16 encoder + decoder), a batch of {args.batch_tokens} tokens; "
+          "activations kept for backward scaled from the H200 measurement by (d_model + d_mlp)")
+    print(f"{'model':<20} {'d_sae':>7} {'weights':>8} {'SAEs':>6} {'acts':>7} {'SAE acts':>9} {'total GiB':>10} "
+          f"{'80 GB GPUs':>11}")
+    for name, n_layers, d_model, d_mlp, _, n_params in BODIES:
+        for d_sae in (32768, 131072):
+            weights = n_params * 2
+            saes = 6 * 2 * d_sae * d_model * 2
+            acts = MEASURED_ACT_BYTES * (d_model + d_mlp) / MEASURED_WIDTH * n_layers * args.batch_tokens
+            sae_acts = 6 * d_sae * 4 * 3 * args.batch_tokens  # activations, gradients, products (float32)
+            total = weights + saes + acts + sae_acts
+            gpus = max(1, -(-total // (0.9 * 80e9)))
+            print(f"{name:<20} {d_sae:>7} {weights / GiB:8.1f} {saes / GiB:6.1f} {acts / GiB:7.1f} {sae_acts / GiB:9.1f} "
+                  f"{total / GiB:10.1f} {int(gpus):>11}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         name, *rest = sys.argv[1:]
@@ -428,8 +457,10 @@ def main() -> None:
     d.add_argument("--pairs", type=int, default=32)
     d.add_argument("--d-sae", type=int, default=32768)
     d.add_argument("--tmp", default=None)
+    e = sub.add_parser("plan", help="memory plan for 7B, 27B and 70B PMs with 32k-131k-feature SAEs")
+    e.add_argument("--batch-tokens", type=int, default=4096)
     args = parser.parse_args()
-    {"sizes": sizes, "load": load, "project": project, "wide-run": wide_run}[args.what](args)
+    {"sizes": sizes, "load": load, "project": project, "wide-run": wide_run, "plan": plan}[args.what](args)
 
 
 if __name__ == "__main__":
