@@ -419,6 +419,28 @@ def plan(args: argparse.Namespace) -> None:
                   f"{total / GiB:10.1f} {int(gpus):>11}")
 
 
+# ---- several GPUs (issue 13) ----------------------------------------------------------------
+
+def multi(args: argparse.Namespace) -> None:
+    """Projected pairs/hour on 1, 8 and 64 GPUs: per-pair GPU time from the H200 projection (c),
+    the merge cost measured here on a light run and scaled to 6 SAEs of 32k features, and the
+    selection, which rank 0 runs alone."""
+    with tempfile.TemporaryDirectory() as folder:
+        r = _child(["_run", folder, str(args.pairs), "light"])
+    merge_here = r["timings"]["merge"]
+    scale = 6 * 32768 / 512  # the merge reads [pairs, d_sae] per hook and side: linear in the SAE features
+    merge = merge_here * scale * args.study_pairs / args.pairs
+    per_pair = args.pair_seconds
+    print(f"merge measured: {merge_here:.2f} s for {args.pairs} pairs with one 512-feature SAE (this CPU); scaled to "
+          f"6 x 32,768 features and {args.study_pairs} pairs: {merge:.0f} s")
+    print(f"per pair on one GPU: {per_pair:.3f} s (H200 projection: attribution 0.396 s + confirmation 0.76x that); "
+          f"selection on rank 0 alone: {args.select_seconds:.0f} s")
+    print(f"{'GPUs':>5} {'hours':>7} {'pairs/hour':>11}")
+    for gpus in (1, 8, 64):
+        seconds = args.select_seconds + args.study_pairs * per_pair / gpus + merge
+        print(f"{gpus:>5} {seconds / 3600:7.2f} {args.study_pairs / seconds * 3600:11.0f}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         name, *rest = sys.argv[1:]
@@ -459,8 +481,13 @@ def main() -> None:
     d.add_argument("--tmp", default=None)
     e = sub.add_parser("plan", help="memory plan for 7B, 27B and 70B PMs with 32k-131k-feature SAEs")
     e.add_argument("--batch-tokens", type=int, default=4096)
+    m = sub.add_parser("multi", help="projected pairs/hour on 1, 8 and 64 GPUs")
+    m.add_argument("--pairs", type=int, default=1000, help="pairs of the light run whose merge is timed")
+    m.add_argument("--study-pairs", type=int, default=2000)
+    m.add_argument("--pair-seconds", type=float, default=0.396 * 1.76, help="GPU seconds per pair (default: (c) on an H200)")
+    m.add_argument("--select-seconds", type=float, default=4.3 * 60, help="selection over 8.5k HH pairs, rank 0 alone")
     args = parser.parse_args()
-    {"sizes": sizes, "load": load, "project": project, "wide-run": wide_run, "plan": plan}[args.what](args)
+    {"sizes": sizes, "load": load, "project": project, "wide-run": wide_run, "plan": plan, "multi": multi}[args.what](args)
 
 
 if __name__ == "__main__":

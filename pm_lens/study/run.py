@@ -127,6 +127,7 @@ def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool
             rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors",
             baselines), ranks)
         ranks.barrier()  # every rank's shards are on disk
+    with _timed(timings, "merge"):
         ranking, totals = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))],
                                              saes)
     confirmed = confirmed_nodes(ranking, config["attribution.confirm_top"])
@@ -140,7 +141,7 @@ def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool
     counts = ranks.gather(rm.forward_count.since(counted))
     if not ranks.is_main:
         return None
-    with _timed(timings, "confirm"):
+    with _timed(timings, "merge"):
         ablation_paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
         ablations = load_ablations(ablation_paths)
         features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
