@@ -117,6 +117,10 @@ class ForwardCount:
         """The passes counted after ``before`` (a :meth:`snapshot`)."""
         return ForwardCount(self.passes - before.passes, self.sequences - before.sequences, self.tokens - before.tokens)
 
+    def __add__(self, other: "ForwardCount") -> "ForwardCount":
+        """Both counts together (e.g. the ranks of a distributed run)."""
+        return ForwardCount(self.passes + other.passes, self.sequences + other.sequences, self.tokens + other.tokens)
+
     def snapshot(self) -> "ForwardCount":
         return ForwardCount(Counter(self.passes), Counter(self.sequences), Counter(self.tokens))
 

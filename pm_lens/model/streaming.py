@@ -207,9 +207,9 @@ def _pieces(checkpoint: Checkpoint, hf_model: torch.nn.Module, spec: Architectur
         mlp = getattr(layer, "mlp", None)
         sliced = _mlp_slices(mlp, cfg.d_mlp) if mlp is not None else None
         _materialise(layer, checkpoint, prefix, recurse=False)
-        whole = [module for name, module in layer.named_children() if sliced is None or name != "mlp"]
-        for module in whole:
-            _materialise(module, checkpoint, prefix + _name_in(layer, module) + ".")
+        for name, module in layer.named_children():
+            if sliced is None or name != "mlp":  # a sliced MLP is read slice by slice below
+                _materialise(module, checkpoint, prefix + name + ".")
         step = cfg.d_mlp if sliced is None else max(1, CHUNK_ELEMENTS // (3 * cfg.d_model))
         try:
             for start in range(0, cfg.d_mlp, step):
@@ -261,8 +261,7 @@ def _materialise(module: torch.nn.Module, checkpoint: Checkpoint, prefix: str, r
     names += [name for name, _ in module.named_buffers(recurse=recurse) if prefix + name in checkpoint.files]
     tensors = checkpoint.read([prefix + name for name in names])
     for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
+        owner, leaf = _owner(module, name)
         value = tensors[prefix + name]
         if leaf in owner._parameters:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
@@ -270,8 +269,10 @@ def _materialise(module: torch.nn.Module, checkpoint: Checkpoint, prefix: str, r
             owner._buffers[leaf] = value
 
 
-def _name_in(parent: torch.nn.Module, child: torch.nn.Module) -> str:
-    return next(name for name, module in parent.named_children() if module is child)
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The submodule holding the parameter or buffer ``name`` of ``module``, and its own name there."""
+    owner_name, _, leaf = name.rpartition(".")
+    return (module.get_submodule(owner_name) if owner_name else module), leaf
 
 
 def _mlp_slices(mlp: torch.nn.Module, d_mlp: int) -> dict[str, int] | None:
@@ -299,8 +300,7 @@ def _materialise_slice(mlp: torch.nn.Module, checkpoint: Checkpoint, prefix: str
                        start: int, stop: int) -> None:
     """Give the HF MLP the slice ``start:stop`` along ``d_mlp`` of its parameters (others whole)."""
     for name, param in list(mlp.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = mlp.get_submodule(owner_name) if owner_name else mlp
+        owner, leaf = _owner(mlp, name)
         if name in sliced:
             value = checkpoint.read_slice(prefix + name, sliced[name], start, stop)
         elif param.is_meta:
@@ -361,8 +361,7 @@ def _assign(model: torch.nn.Module, piece: dict[str, Tensor], offsets: dict[str,
     shapes differ). Names the model has no parameter for (norm weights folded away) are dropped,
     as TransformerLens's non-strict load drops them."""
     for key, value in piece.items():
-        owner_name, _, leaf = key.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
+        owner, leaf = _owner(model, key)
         param = owner._parameters.get(leaf)
         if param is None:
             continue

@@ -124,36 +124,33 @@ def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool
     (out / "shards").mkdir(exist_ok=True)
     with _timed(timings, "attribute"):
         _each_shard("attributing", shards, progress, lambda i, rows: _attribute_shard(
-            rm, saes, config, [chosen_pairs[r] for r in rows], out / "shards" / f"attribution-{i:05d}.safetensors",
-            baselines), ranks)
+            rm, saes, config, [chosen_pairs[r] for r in rows], _shard(out, "attribution", i), baselines), ranks)
         ranks.barrier()  # every rank's shards are on disk
     with _timed(timings, "merge"):
-        ranking, totals = merge_attributions([out / "shards" / f"attribution-{i:05d}.safetensors" for i in range(len(shards))],
-                                             saes)
+        ranking, totals = merge_attributions([_shard(out, "attribution", i) for i in range(len(shards))], saes)
     confirmed = confirmed_nodes(ranking, config["attribution.confirm_top"])
     sample = fidelity_nodes(ranking, config["attribution.fidelity_top"], config["attribution.n_random"], config["attribution.seed"])
     nodes = list(dict.fromkeys([*confirmed, *sample]))
     with _timed(timings, "confirm"):
         _each_shard("confirming", shards, progress, lambda i, rows: _ablate_shard(
-            rm, saes, config, [chosen_pairs[r] for r in rows], nodes, out / "shards" / f"ablation-{i:05d}.safetensors",
-            confirmed=confirmed, first_row=rows[0], baselines=baselines), ranks)
+            rm, saes, config, [chosen_pairs[r] for r in rows], nodes, _shard(out, "ablation", i), confirmed=confirmed, first_row=rows[0], baselines=baselines), ranks)
         ranks.barrier()
     counts = ranks.gather(rm.forward_count.since(counted))
     if not ranks.is_main:
         return None
     with _timed(timings, "merge"):
-        ablation_paths = [out / "shards" / f"ablation-{i:05d}.safetensors" for i in range(len(shards))]
+        ablation_paths = [_shard(out, "ablation", i) for i in range(len(shards))]
         ablations = load_ablations(ablation_paths)
         features, datapoints = merge_ablations(ablations, ranking, nodes, selection, shown=len(confirmed))
         contexts = merge_contexts(ablation_paths, confirmed, selection, n_contexts=CONTEXTS_PER_FEATURE)
-        card = run_fidelity(ablations, ranking, nodes, sample, totals, config, str(rm.cfg.dtype).replace("torch.", ""))
+        card = run_fidelity(ablations, ranking, nodes, sample, totals, config, _dtype_name(rm))
     concerns = worries(card, ablations, features=features)
     card.save(out / "fidelity.json")
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
     write_atomic(out / "top_contexts.csv", contexts_table(contexts).to_csv(index=False))
     _write_report(out, config, features, datapoints, card, concerns, contexts)
-    forward_passes = _summed(counts).as_dict()
+    forward_passes = sum(counts[1:], counts[0]).as_dict()  # every rank's
     _write_config(out, config, forward_passes, timings, rm, concerns)
     return StudyResult(features, datapoints, selection, card, concerns, out, forward_passes, timings)
 
@@ -175,24 +172,22 @@ def _each_shard(stage: str, shards: list[list[int]], progress: bool, work: Any, 
             bar.update(len(rows))
 
 
+def _dtype_name(rm: Any) -> str:
+    """``"bfloat16"``, ``"float32"``, ...: the model's dtype as the config and card write it."""
+    return str(rm.cfg.dtype).removeprefix("torch.")
+
+
+def _shard(out: Path, kind: str, index: int) -> Path:
+    """The file of shard ``index`` of a stage (``attribution`` or ``ablation``)."""
+    return out / "shards" / f"{kind}-{index:05d}.safetensors"
+
+
 def _main_first(ranks: Ranks, work: Any) -> Any:
     """``work()`` on rank 0 while the others wait, then on the others, which read back what rank 0
     wrote (each step called so is resumable: it reads its file when the file is there)."""
     result = work() if ranks.is_main else None
     ranks.barrier()
     return result if ranks.is_main else work()
-
-
-def _summed(counts: list[Any]) -> Any:
-    """The forward counts of all ranks added up."""
-    from pm_lens.model.runs import ForwardCount
-
-    total = ForwardCount()
-    for count in counts:
-        total.passes.update(count.passes)
-        total.sequences.update(count.sequences)
-        total.tokens.update(count.tokens)
-    return total
 
 
 def _load_saes(config: RunConfig, device: str) -> list[Any]:
@@ -243,7 +238,7 @@ def _train_saes(rm: Any, config: RunConfig, pairs: list[PreferencePair], out: Pa
                        training_tokens=config["saes.train_tokens"] or None, seed=config["saes.train_seed"],
                        out_dir=partial, progress=progress)
         partial.rename(folder)
-    dtype = str(rm.cfg.dtype).replace("torch.", "")
+    dtype = _dtype_name(rm)
     return [load_sae(folder / hook, device=rm.cfg.device, dtype=dtype) for hook in hooks]
 
 
@@ -397,7 +392,7 @@ def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoin
 def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any,
                   concerns: list[str]) -> None:
     write_atomic(out / "config.json", json.dumps({
-        "config": config.as_dict(), "digest": config.digest(), "dtype": str(rm.cfg.dtype).replace("torch.", ""),
+        "config": config.as_dict(), "digest": config.digest(), "dtype": _dtype_name(rm),
         "objective": rm.objective, "concerns": concerns,
         "forward_passes": forward_passes, "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": {**versions(),

@@ -75,6 +75,10 @@ def test_two_ranks_give_the_single_process_outputs_and_resume_after_a_rank_dies(
     done = torchrun(launcher, [*args, "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_outputs(tmp_path / "two", tmp_path / "single")
+    # The forward passes of both ranks are summed: the same clean and ablation work as one process.
+    passes = [json.loads((tmp_path / run / "config.json").read_text())["forward_passes"] for run in ("two", "single")]
+    for purpose in ("clean", "ablation", "selection"):
+        assert passes[0][purpose] == passes[1][purpose], purpose
     shards = sorted(p.name for p in (tmp_path / "two" / "shards").iterdir())
     assert shards == [f"{kind}-{i:05d}.safetensors" for kind in ("ablation", "attribution") for i in range(6)]
 
