@@ -414,9 +414,19 @@ def plan(args: argparse.Namespace) -> None:
             acts = MEASURED_ACT_BYTES * (d_model + d_mlp) / MEASURED_WIDTH * n_layers * args.batch_tokens
             sae_acts = 6 * d_sae * 4 * 3 * args.batch_tokens  # activations, gradients, products (float32)
             total = weights + saes + acts + sae_acts
-            gpus = max(1, -(-total // (0.9 * 80e9)))
+            gpus = _split_gpus(weights + acts, (saes + sae_acts) / 6)
             print(f"{name:<20} {d_sae:>7} {weights / GiB:8.1f} {saes / GiB:6.1f} {acts / GiB:7.1f} {sae_acts / GiB:9.1f} "
                   f"{total / GiB:10.1f} {int(gpus):>11}")
+
+
+def _split_gpus(spread: float, per_sae: float, *, n_saes: int = 6, usable: float = 0.9 * 80e9) -> int:
+    """The fewest 80 GB GPUs (90% usable) a layer split (model.devices_per_rank) needs: weights and
+    backward activations spread evenly over the blocks, each SAE with its activations on its hook's
+    GPU (the 6 hooks spread over the GPUs, so the busiest holds ceil(6 / n) of them)."""
+    for n in range(1, 65):
+        if spread / n + -(-n_saes // n) * per_sae <= usable:
+            return n
+    return 65
 
 
 # ---- several GPUs (issue 13) ----------------------------------------------------------------

@@ -177,7 +177,7 @@ def feature_baselines(
             with rm.counting("baseline"), torch.no_grad():
                 run = rm.run_with_deltas(side.tokens, side.attention_mask, read=list(saes))
             for name, nodes in read_nodes(saes, run.acts).items():
-                sums[name] += nodes.acts[mask].double().sum(0)
+                sums[name] += nodes.acts[mask.to(nodes.acts.device)].double().sum(0)
             count += int(mask.sum())
     if count == 0:
         raise ValueError("the reference pairs have no tokens at the selected positions")
@@ -214,6 +214,7 @@ def _side_effects(
     with torch.no_grad():
         for n in names:
             node = run.nodes[n]
+            mask = run.mask.to(node.x.device)  # the hook's device when the layers are split
             features, errors = node_effects(flat(saes[n], grads[n]), node.acts, baselines[n], directions(saes[n]),
                                             node.error, node.scale)
             result.features[n] = (features * mask[..., None]).sum(1)
@@ -232,7 +233,7 @@ def _integrated_gradients(rm: RewardModel, run: SideRun, saes: dict[str, SAE], b
     names = list(saes)
     with torch.no_grad():
         full = {n: removal_delta(run.nodes[n].acts, baselines[n], directions(saes[n]), run.nodes[n].error,
-                                 run.nodes[n].scale, run.mask) for n in names}
+                                 run.nodes[n].scale, run.mask.to(run.nodes[n].x.device)) for n in names}
     grads = {n: torch.zeros_like(run.nodes[n].x) for n in names}
     for step in range(ig_steps):
         alpha = (step + 0.5) / ig_steps

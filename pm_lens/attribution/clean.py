@@ -71,13 +71,14 @@ class SideRun:
 
     def rows(self, index: Tensor) -> SideRun:
         """The rows ``index`` of this side (same padding width)."""
-        def pick(t: Tensor) -> Tensor:
-            return t.to_dense()[index].to_sparse() if t.is_sparse else t[index]
+        def pick(t: Tensor) -> Tensor:  # nodes and residuals are on their hook's device when the layers are split
+            at = index.to(t.device)
+            return t.to_dense()[at].to_sparse() if t.is_sparse else t[at]
 
-        nodes = {n: SAENodes(x=v.x[index], acts=pick(v.acts), error=v.error[index], scale=v.scale[index])
+        nodes = {n: SAENodes(x=pick(v.x), acts=pick(v.acts), error=pick(v.error), scale=pick(v.scale))
                  for n, v in self.nodes.items()}
         batch = TokenBatch(self.batch.tokens[index], self.batch.attention_mask[index], self.batch.completion_start[index])
-        return SideRun(batch, self.mask[index], self.rewards[index], nodes, {k: v[index] for k, v in self.residuals.items()},
+        return SideRun(batch, self.mask[index], self.rewards[index], nodes, {k: pick(v) for k, v in self.residuals.items()},
                        None if self.kv is None else self.kv.rows(index))
 
 

@@ -32,6 +32,7 @@ def outlier_positions(
     """Positions in ``mask`` whose norm of ``x`` exceeds ``ratio`` times the median norm over
     ``mask``, and every position's norm relative to that median."""
     norms = x.float().norm(dim=-1)
+    mask = mask.to(norms.device)  # x is on its hook's device when the layers are split
     if not mask.any():
         return torch.zeros_like(mask), torch.zeros_like(norms)
     median = norms[mask].median().clamp(min=1e-12)

@@ -105,6 +105,7 @@ class SideAblation:
     def __init__(self, rm: RewardModel, run: SideRun, saes: dict[str, SAE], baselines: dict[str, Tensor]):
         self.rm, self.run, self.saes, self.baselines = rm, run, saes, baselines
         self.mask = run.mask
+        self._masks: dict[torch.device, Tensor] = {}
         self.directions = {hook: directions(sae) for hook, sae in saes.items()}
         self._acts: dict[str, Tensor] = {}
         self._prefix: Any = None
@@ -114,6 +115,14 @@ class SideAblation:
         if hook not in self._acts:
             self._acts[hook] = self.run.dense_acts(hook)
         return self._acts[hook]
+
+    def mask_at(self, hook: str) -> Tensor:
+        """The positions acted on, on the device of ``hook``'s activations (another than the
+        batch's when the model's layers are split over devices)."""
+        device = self.run.nodes[hook].x.device
+        if device not in self._masks:
+            self._masks[device] = self.mask.to(device)
+        return self._masks[device]
 
     def at_outliers(self, nodes: list[Node]) -> set[Node]:
         """The ``nodes`` that are nonzero at a selected outlier position of this side."""
@@ -127,20 +136,22 @@ class SideAblation:
 
     def delta(self, node: Node, rows: Tensor | None = None) -> Tensor:
         """The change of the activation at ``node``'s hook when it is removed (``[rows, pos, d_in]``)."""
-        nodes = self.run.nodes[node.hook_name]
+        nodes, mask = self.run.nodes[node.hook_name], self.mask_at(node.hook_name)
+        rows = None if rows is None else rows.to(mask.device)
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
         with torch.no_grad():
             if node.is_error:
-                return error_delta(pick(nodes.error), pick(self.mask))
+                return error_delta(pick(nodes.error), pick(mask))
             return feature_delta(pick(self.acts(node.hook_name)[..., node.feature]), self.baselines[node.hook_name][node.feature],
-                                 self.directions[node.hook_name][node.feature], pick(nodes.scale), pick(self.mask))
+                                 self.directions[node.hook_name][node.feature], pick(nodes.scale), pick(mask))
 
     def changed(self, node: Node) -> Tensor:
         """``[batch, pos]`` where removing ``node`` changes the activation."""
+        mask = self.mask_at(node.hook_name)
         if node.is_error:
-            return self.mask & (self.run.nodes[node.hook_name].error != 0).any(-1)
+            return mask & (self.run.nodes[node.hook_name].error != 0).any(-1)
         baseline = self.baselines[node.hook_name][node.feature]
-        return self.mask & (self.acts(node.hook_name)[..., node.feature] != baseline)
+        return mask & (self.acts(node.hook_name)[..., node.feature] != baseline)
 
     def each(self, nodes: list[Node]) -> Tensor:
         """``[batch, n_nodes]`` reward changes, one full forward per node (the reference)."""
@@ -213,6 +224,8 @@ class SideAblation:
         rm = self.rm
         first = min(deltas, key=lambda hook: rm.hook_layer(hook) + rm.is_layer_output(hook))
         layer = rm.hook_layer(first)
+        if isinstance(rows, Tensor):  # the clean run's tensors are on their hook's device
+            rows = rows.to(self.run.nodes[first].x.device if rm.is_layer_output(first) else self.run.residuals[layer].device)
         if not rm.is_layer_output(first):
             return self.run.residuals[layer][rows, :end], layer, deltas
         x, delta = self.run.nodes[first].x[rows, :end], deltas[first]
@@ -244,7 +257,7 @@ class SideAblation:
     def _live_removal(self, hook: str, nodes: list[Node]) -> Any:
         """The delta that removes ``nodes`` from the activation as it arrives at ``hook`` (at the
         last positions of the batch when a restart recomputes only those)."""
-        sae, baseline, full_mask = self.saes[hook], self.baselines[hook], self.mask
+        sae, baseline, full_mask = self.saes[hook], self.baselines[hook], self.mask_at(hook)
         features = torch.tensor([n.feature for n in nodes if not n.is_error], dtype=torch.long, device=full_mask.device)
         with_error = any(n.is_error for n in nodes)
 
@@ -261,7 +274,7 @@ class SideAblation:
         """Per hook, the delta that sets the activation to its decoded baselines."""
         with torch.no_grad():
             return {hook: removal_delta(self.acts(hook), self.baselines[hook], self.directions[hook], n.error, n.scale,
-                                        self.mask)
+                                        self.mask_at(hook))
                     for hook, n in self.run.nodes.items()}
 
     def run_deltas(self, deltas: dict[str, Any], *, prefix: PrefixKV | None = None, start: int = 0,

@@ -68,6 +68,19 @@ def as_device(device: object) -> torch.device:
     return parsed
 
 
+def as_devices(device: object) -> tuple[torch.device, ...]:
+    """``device`` as one or more devices: one device (see :func:`as_device`), or several to split
+    the model's layers over (:mod:`pm_lens.model.split`), given as a list or as one string with
+    commas (``"cuda:0,cuda:1"``). Each is checked as :func:`as_device` checks it."""
+    if isinstance(device, str) and "," in device:
+        device = [part.strip() for part in device.split(",")]
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise ValueError("device is an empty list; give a device such as 'cpu' or 'cuda:0', or several to split over")
+        return tuple(as_device(d) for d in device)
+    return (as_device(device),)
+
+
 def _check_available(parsed: torch.device, device: Any) -> None:
     if parsed.type == "cuda":
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

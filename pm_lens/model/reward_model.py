@@ -27,7 +27,8 @@ Converting (``from_hf``):
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ from pm_lens.model.architectures import (
     spec_for,
 )
 from pm_lens.model.attention import fast_attention_enabled, set_fast_attention
-from pm_lens.model.placement import as_device, as_dtype
+from pm_lens.model.placement import as_devices, as_dtype
 from pm_lens.model.runs import ModelRuns
+from pm_lens.model.split import LayerSplit, as_split
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         use_fast_attention: whether attention runs through one fused SDPA call wherever that is
             exact, falling back to TransformerLens's own attention per layer and call when a hook,
             cache, soft-cap or local window needs it (see :mod:`pm_lens.model.attention`).
+        layer_split: the devices the layers are split over (:class:`pm_lens.model.split.LayerSplit`),
+            or None when the model is on one device (``cfg.device``).
     """
 
     processing: WeightProcessing
@@ -91,6 +95,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
     pad_token_id: int | None
     text_format: str = "auto"
     objective: int | list[float] | None = None  # the output (or weights) of a multi-output head (from_hf)
+    layer_split: LayerSplit | None = None
 
     @classmethod
     def from_hf(
@@ -98,7 +103,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         hf_model: torch.nn.Module,
         tokenizer: Any = None,
         *,
-        device: str | torch.device | None = None,
+        device: str | torch.device | Sequence[str | torch.device] | None = None,
         dtype: str | torch.dtype | None = None,
         n_ctx: int | None = None,
         fold_ln: bool = True,
@@ -114,7 +119,9 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         Args:
             hf_model: the HF reward model (one output label).
             tokenizer: its tokenizer, used for text input and as ``rm.tokenizer``; not modified.
-            device: where the model lives (default: the HF model's device).
+            device: where the model lives (default: the HF model's device), or several devices
+                (a list, or ``"cuda:0,cuda:1"``) to split its layers over in order
+                (:class:`pm_lens.model.split.LayerSplit`).
             dtype: parameter dtype, a ``torch.dtype`` or a name such as ``"bfloat16"`` (see
                 :func:`pm_lens.model.as_dtype`; default: the HF model's dtype).
             n_ctx: longest sequence accepted; default is the model's context, capped at
@@ -126,24 +133,29 @@ class RewardModel(ModelRuns, HookedSAETransformer):
                 sum. It is folded into a one-column head (``W_U @ w``, exact), so everything
                 downstream sees one reward. ``rm.objective`` records it.
         """
-        device = None if device is None else as_device(device)
+        devices = None if device is None else as_devices(device)
         dtype = None if dtype is None else as_dtype(dtype)
         architecture = type(hf_model).__name__
         spec = spec_for(architecture)
         weights = objective_weights(objective, hf_model.score.out_features, architecture)
         param = next(hf_model.parameters())
-        cfg = _tl_config(hf_model.config, architecture, n_ctx=n_ctx, device=device or param.device,
-                         dtype=dtype or param.dtype)
+        split = None if devices is None else as_split(devices, hf_model.config.num_hidden_layers)
+        # A split model is converted on the CPU and its modules then moved to their devices.
+        where = param.device if devices is None else (torch.device("cpu") if split else devices[0])
+        cfg = _tl_config(hf_model.config, architecture, n_ctx=n_ctx, device=where, dtype=dtype or param.dtype)
         model = cls(cfg, move_to_device=True)
         state_dict = _reward_state_dict(hf_model, spec, cfg, weights)
         processing = _processing(spec, fold_ln, center_writing_weights, fold_value_biases)
         model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **processing.as_dict())
         return model._finish(processing, architecture, objective if weights is not None else None,
-                             hf_model.config, tokenizer)
+                             hf_model.config, tokenizer, split=split)
 
     def _finish(self, processing: WeightProcessing, architecture: str, objective: Any, hf_config: Any,
-                tokenizer: Any) -> "RewardModel":
+                tokenizer: Any, *, split: LayerSplit | None = None) -> "RewardModel":
         """The steps after the weights are in, shared by :meth:`from_hf` and the streamed load."""
+        self.layer_split = split
+        if split is not None:
+            split.place(self)
         _store_as_forward_reads(self)
         self.unembed.__class__ = Float32Head
         self.use_fast_attention = True  # fast attention: SDPA where exact (pm_lens.model.attention)
@@ -161,7 +173,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         cls,
         name_or_path: str | Path,
         *,
-        device: str | torch.device | None = None,
+        device: str | torch.device | Sequence[str | torch.device] | None = None,
         dtype: str | torch.dtype | None = None,
         n_ctx: int | None = None,
         local_files_only: bool | None = None,
@@ -183,11 +195,13 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         straight to ``device`` (:mod:`pm_lens.model.streaming`): peak memory is the weights plus
         one layer, not the two to three copies of loading through transformers and converting.
         ``stream=False`` (or a folder the streaming reader cannot take) loads through transformers.
-        ``from_hf_kwargs`` (weight processing, ``objective``) are :meth:`from_hf`'s.
+        With several devices (``device=["cuda:0", "cuda:1"]`` or ``"cuda:0,cuda:1"``) the layers are
+        split over them in order (:mod:`pm_lens.model.split`) and each streamed piece goes straight
+        to its layer's device. ``from_hf_kwargs`` (weight processing, ``objective``) are :meth:`from_hf`'s.
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        device = None if device is None else as_device(device)
+        devices = None if device is None else as_devices(device)
         dtype = None if dtype is None else as_dtype(dtype)
         path = str(name_or_path)
         if local_files_only is None:
@@ -207,7 +221,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         except (OSError, ValueError):
             tokenizer = None
         if Path(path).is_dir() and stream:
-            model = cls._streamed(path, config, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
+            model = cls._streamed(path, config, tokenizer, devices=devices, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
             if model is not None:
                 return model
         hf_model, loading_info = AutoModelForSequenceClassification.from_pretrained(
@@ -215,10 +229,10 @@ class RewardModel(ModelRuns, HookedSAETransformer):
             output_loading_info=True,
         )
         _check_all_weights_loaded(path, config, loading_info)
-        return cls.from_hf(hf_model, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
+        return cls.from_hf(hf_model, tokenizer, device=devices, dtype=dtype, n_ctx=n_ctx, **from_hf_kwargs)
 
     @classmethod
-    def _streamed(cls, path: str, hf_config: Any, tokenizer: Any, *, device: torch.device | None,
+    def _streamed(cls, path: str, hf_config: Any, tokenizer: Any, *, devices: tuple[torch.device, ...] | None,
                   dtype: torch.dtype | None, n_ctx: int | None, fold_ln: bool = True,
                   center_writing_weights: bool = True, fold_value_biases: bool = True,
                   objective: int | Sequence[float] | None = None) -> "RewardModel | None":
@@ -231,13 +245,15 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         architecture = _classifier_name(hf_config)
         spec = spec_for(architecture)
         weights = objective_weights(objective, getattr(hf_config, "num_labels", 1), path)
-        cfg = _tl_config(hf_config, architecture, n_ctx=n_ctx, device=device or torch.device("cpu"),
-                         dtype=dtype or torch.float32)
+        devices = devices or (torch.device("cpu"),)
+        split = as_split(devices, hf_config.num_hidden_layers)
+        cfg = _tl_config(hf_config, architecture, n_ctx=n_ctx, device=devices[0], dtype=dtype or torch.float32)
         processing = _processing(spec, fold_ln, center_writing_weights, fold_value_biases)
-        model = stream_reward_model(cls, path, hf_config, spec, cfg, processing.as_dict(), weights)
+        model = stream_reward_model(cls, path, hf_config, spec, cfg, processing.as_dict(), weights, split=split)
         if model is None:
             return None
-        model = model._finish(processing, architecture, objective if weights is not None else None, hf_config, tokenizer)
+        model = model._finish(processing, architecture, objective if weights is not None else None, hf_config, tokenizer,
+                              split=split)
         give_back_freed_memory()  # what the layout change of _finish freed
         return model
 
@@ -303,6 +319,17 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         if isinstance(input, Tensor):
             self.count_forward(input)
         return super().forward(input, *args, **kwargs)
+
+    @contextmanager
+    def _token_masks(self, input: Any, kwargs: dict[str, Any]) -> Iterator[None]:
+        """SAELens's masks of the tokens an attached SAE bypasses, each on its hook's device (SAELens
+        puts them on the tokens' device, the first one when the layers are split)."""
+        with super()._token_masks(input, kwargs):
+            if self.layer_split is not None:
+                for name, wrapper in self._acts_to_saes.items():
+                    if getattr(wrapper, "_token_mask", None) is not None:
+                        wrapper.set_token_mask(wrapper._token_mask.to(self.device_of(name)))
+            yield
 
     def check_tokens(self, tokens: Tensor, attention_mask: Tensor | None = None) -> None:
         """Raise a ValueError if ``tokens`` cannot be run: wrong shape, ids outside the

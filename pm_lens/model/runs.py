@@ -77,8 +77,8 @@ class PrefixKV:
 
     def rows(self, index: Tensor) -> PrefixKV:
         """The rows ``index`` (repeats allowed)."""
-        return PrefixKV(self.first_layer, {b: k[index] for b, k in self.keys.items()},
-                        {b: v[index] for b, v in self.values.items()})
+        return PrefixKV(self.first_layer, {b: k[index.to(k.device)] for b, k in self.keys.items()},
+                        {b: v[index.to(v.device)] for b, v in self.values.items()})
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
@@ -153,6 +153,12 @@ class ModelRuns:
         """Whether the hook is its block's output (so a restart can begin at the next block)."""
         return hook_name.endswith(".hook_resid_post") and hook_name.startswith("blocks.")
 
+    def device_of(self, hook_name: str) -> torch.device:
+        """The device of the activation at ``hook_name``: ``cfg.device``, or with the layers split
+        over devices (``layer_split``) the device of the hook's block."""
+        split = getattr(self, "layer_split", None)
+        return torch.device(self.cfg.device) if split is None else split.hook_device(hook_name)
+
     def stop_layer(self, hook_names: Sequence[str]) -> int | None:
         """One past the last block any hook needs; None (run everything) for hooks after the blocks."""
         layers = []
@@ -212,8 +218,10 @@ class ModelRuns:
         tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, " batch"]:
         """The reward of each row: ``per_position`` at its pooled position (:func:`final_positions`:
-        the last attended one, or without a mask the last non-pad token)."""
-        return per_position.gather(1, final_positions(tokens, attention_mask, self.pad_token_id)[:, None])[:, 0]
+        the last attended one, or without a mask the last non-pad token), on ``cfg.device`` (the
+        head may be on another device when the layers are split)."""
+        index = final_positions(tokens, attention_mask, self.pad_token_id).to(per_position.device)
+        return per_position.gather(1, index[:, None])[:, 0].to(self.cfg.device)
 
     def run_with_deltas(
         self,
@@ -242,9 +250,16 @@ class ModelRuns:
         return run if cache is None else DeltaRun(run.rewards, run.acts, run.grads, PrefixKV.from_cache(cache, keep_kv_from))
 
     def _empty_cache(self, batch: int) -> Any:
+        """An empty TransformerLens KV cache, each block's entry on the block's device."""
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-        return TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch_size=batch)
+        entries = [TransformerLensKeyValueCacheEntry.init_cache_entry(self.cfg, self._block_device(b), batch)
+                   for b in range(self.cfg.n_layers)]
+        return TransformerLensKeyValueCache(entries, torch.empty((batch, 0), dtype=torch.int, device=self.cfg.device))
+
+    def _block_device(self, layer: int) -> torch.device:
+        return self.device_of(self.layer_input(layer))
 
     def run_from(
         self,
@@ -301,8 +316,8 @@ class ModelRuns:
         final_only = self._final_position_hooks(last, touched=deltas, layer=layer)
         with self._delta_hooks((), deltas, ()) as state, self.hooks(fwd_hooks=final_only):
             per_position = self(residual, start_at_layer=layer, attention_mask=attention_mask, past_kv_cache=cache)[..., 0]
-            index = torch.zeros_like(last) if final_only else last
-            rewards = state.finish(per_position.gather(1, index[:, None])[:, 0], ()).rewards
+            index = (torch.zeros_like(last) if final_only else last).to(per_position.device)
+            rewards = state.finish(per_position.gather(1, index[:, None])[:, 0].to(self.cfg.device), ()).rewards
         return rewards, PrefixKV.from_cache(cache, layer) if keep_kv else None
 
     def _final_position_hooks(self, last: Tensor, *, touched: Mapping[str, Any], layer: int) -> list[tuple[str, Any]]:
@@ -318,7 +333,8 @@ class ModelRuns:
                 f"blocks.{final}.mlp", f"blocks.{final}.hook_mlp_out", f"blocks.{final}.hook_resid_post", "ln_final", "unembed")
         if any(name.startswith(late) for name in touched):
             return []
-        rows = torch.arange(len(last), device=last.device)
+        device = self._block_device(final)
+        rows, last = torch.arange(len(last), device=device), last.to(device)
         return [(f"blocks.{final}.hook_resid_mid", lambda resid, hook: resid[rows, last][:, None])]
 
     def prefix_kv(
@@ -342,10 +358,10 @@ class ModelRuns:
             if block >= layer:
                 keys, values = prefix.keys[block], prefix.values[block]
                 if rows is not None:
-                    keys, values = keys[rows], values[rows]
+                    keys, values = keys[rows.to(keys.device)], values[rows.to(values.device)]
                 entries.append(TransformerLensKeyValueCacheEntry(keys[:, :start], values[:, :start], frozen=frozen))
             else:
-                entries.append(TransformerLensKeyValueCacheEntry.init_cache_entry(self.cfg, attention_mask.device, n))
+                entries.append(TransformerLensKeyValueCacheEntry.init_cache_entry(self.cfg, self._block_device(block), n))
         return TransformerLensKeyValueCache(entries, attention_mask[:, :start], frozen=frozen)
 
     @contextmanager
@@ -357,7 +373,8 @@ class ModelRuns:
             if hook.name in deltas:
                 delta = deltas[hook.name]
                 # Deltas may be flat ([..., d_in]); per-head activations are [..., n_heads, d_head].
-                act = act + (delta(act) if callable(delta) else delta).reshape(act.shape)
+                # With the layers split, the activation is on its block's device.
+                act = act + (delta(act) if callable(delta) else delta).reshape(act.shape).to(act.device)
             return state.see(hook.name, act)
 
         names = sorted(set(read) | set(deltas) | set(grad_at))

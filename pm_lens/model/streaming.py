@@ -101,7 +101,7 @@ class Checkpoint:
 
 
 def stream_reward_model(model_cls: type, path: str | Path, hf_config: Any, spec: ArchitectureSpec, cfg: Any,
-                        processing: dict[str, bool], head_weights: Tensor | None) -> Any:
+                        processing: dict[str, bool], head_weights: Tensor | None, *, split: Any = None) -> Any:
     """A ``model_cls`` (:class:`RewardModel`) with the weights of the folder ``path``, loaded piece by
     piece, or ``None`` when the folder cannot be streamed (see the module docstring).
 
@@ -109,6 +109,7 @@ def stream_reward_model(model_cls: type, path: str | Path, hf_config: Any, spec:
     ``processing`` the ``load_and_process_state_dict`` flags; ``head_weights`` folds a multi-output
     head into one column (``[n_outputs]``, or ``None`` for a one-output head). The returned model
     has its weights processed and nothing else set (the caller finishes it as ``from_hf`` does).
+    With ``split`` (a :class:`pm_lens.model.split.LayerSplit`) each piece goes to its layer's device.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForSequenceClassification
@@ -126,18 +127,22 @@ def stream_reward_model(model_cls: type, path: str | Path, hf_config: Any, spec:
                     missing[0])
         return None
     dtype, device = cfg.dtype, torch.device(cfg.device)
+    device_of = (lambda key: device) if split is None else split.module_device
     with init_empty_weights(include_buffers=False):
         model = model_cls(cfg, move_to_device=False)
     _swap_folded_norms(model, processing)
     body = getattr(hf_model, spec.body_attr)
     layers_attr = _layers_attr(body, cfg.n_layers)
     for piece, offsets in _pieces(checkpoint, hf_model, spec, body, layers_attr, model.cfg, processing, head_weights):
-        _assign(model, piece, offsets, dtype, device)
+        _assign(model, piece, offsets, dtype, device_of)
         del piece
         give_back_freed_memory()
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"streaming {path} left parameters unloaded: {', '.join(left[:5])}")
+    if split is not None:
+        split.place(model)  # the buffers (the parameters are there already)
+        return model
     return model.to(device)  # the buffers (the parameters are there already)
 
 
@@ -355,8 +360,8 @@ def _process(state: dict[str, Tensor], cfg: Any, processing: dict[str, bool], *,
 
 
 def _assign(model: torch.nn.Module, piece: dict[str, Tensor], offsets: dict[str, int], dtype: torch.dtype,
-            device: torch.device) -> None:
-    """Make each tensor of ``piece`` the model's parameter of that name (cast, on ``device``), or,
+            device_of: Any) -> None:
+    """Make each tensor of ``piece`` the model's parameter of that name (cast, on ``device_of(name)``), or,
     for a name in ``offsets``, the slice of it starting there (along the one dimension where the
     shapes differ). Names the model has no parameter for (norm weights folded away) are dropped,
     as TransformerLens's non-strict load drops them."""
@@ -367,6 +372,7 @@ def _assign(model: torch.nn.Module, piece: dict[str, Tensor], offsets: dict[str,
             continue
         if not torch.isfinite(value).all():
             raise ValueError(f"the reward model has NaN or infinite weights in {key}")
+        device = device_of(key)
         value = value.to(device=device, dtype=dtype)
         if tuple(value.shape) == tuple(param.shape):
             owner._parameters[leaf] = torch.nn.Parameter(value.contiguous(), requires_grad=param.requires_grad)

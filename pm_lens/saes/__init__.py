@@ -4,6 +4,7 @@ from pm_lens.saes.attach import attach_saes as attach_saes
 from pm_lens.saes.attach import attached_saes as attached_saes
 from pm_lens.saes.attach import detach_saes as detach_saes
 from pm_lens.saes.attach import feature_acts as feature_acts
+from pm_lens.saes.attach import place_saes as place_saes
 from pm_lens.saes.attach import saes_attached as saes_attached
 from pm_lens.saes.evaluate import SAEEvaluation as SAEEvaluation
 from pm_lens.saes.evaluate import evaluate_sae as evaluate_sae

@@ -52,7 +52,8 @@ def collect_activations(
         keep = batch.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids)
         room = None if max_tokens is None else max_tokens - n_kept
         for name in hook_names:
-            chunks[name].append(_flat(name, cache[name])[keep][:room].float())
+            act = _flat(name, cache[name])  # on the hook's device when the layers are split
+            chunks[name].append(act[keep.to(act.device)][:room].float())
         n_kept += chunks[hook_names[0]][-1].shape[0]
         bar.update(batch.tokens.shape[0])
         if max_tokens is not None and n_kept >= max_tokens:

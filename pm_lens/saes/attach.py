@@ -54,7 +54,7 @@ def example_hooks(rm: RewardModel) -> list[str]:
 def check_saes(rm: RewardModel, saes: Sequence[SAE]) -> None:
     """Raise a ValueError if any SAE cannot be attached to ``rm`` or split into nodes: not an SAE,
     no or unknown hook name, several SAEs for one hook, an SAE already attached there, another
-    dtype or device, or what :func:`pm_lens.saes.split.check_sae` refuses (width, kind, weights)."""
+    dtype or device (with the layers split: not on its hook's device), or what :func:`pm_lens.saes.split.check_sae` refuses (width, kind, weights)."""
     not_saes = [type(sae).__name__ for sae in saes if not isinstance(sae, SAE)]
     if not_saes:
         raise TypeError(f"expected SAELens SAE objects, got {', '.join(not_saes)}; load one with pm_lens.load_sae(...)")
@@ -72,9 +72,18 @@ def check_saes(rm: RewardModel, saes: Sequence[SAE]) -> None:
     for sae, name in zip(saes, names):
         if sae.W_dec.dtype != param.dtype:
             raise ValueError(f"SAE for {name} is {sae.W_dec.dtype} but the model is {param.dtype}; use sae.to({param.dtype})")
-        if sae.W_dec.device != param.device:
-            raise ValueError(f"SAE for {name} is on {sae.W_dec.device} but the model is on {param.device}; use sae.to('{param.device}')")
+        device = rm.device_of(name)
+        if sae.W_dec.device != device:
+            where = "the model is" if rm.layer_split is None else "that hook's layer is"
+            raise ValueError(f"SAE for {name} is on {sae.W_dec.device} but {where} on {device}; use sae.to('{device}')")
         check_sae(sae, shapes[name], name=name)
+
+
+def place_saes(rm: RewardModel, saes: SAE | Sequence[SAE]) -> list[SAE]:
+    """Move each SAE to the device of its hook's activation (``rm.device_of``): ``cfg.device``, or
+    with the model's layers split over devices, its layer's device. Returns the SAEs (moved in place)."""
+    saes = [saes] if isinstance(saes, SAE) else list(saes)
+    return [sae.to(rm.device_of(sae.cfg.metadata.hook_name)) for sae in saes]
 
 
 def attach_saes(
@@ -165,5 +174,6 @@ def feature_acts(
     for name in names:
         excluded = rm._acts_to_saes[name].exclude_special_tokens
         name_keep = keep & ~torch.isin(tokens, torch.tensor(excluded, device=tokens.device)) if excluded else keep
-        acts[name] = cache[f"{name}.{FEATURE_HOOK}"] * name_keep[..., None]
+        found = cache[f"{name}.{FEATURE_HOOK}"]  # on the hook's device when the layers are split
+        acts[name] = found * name_keep.to(found.device)[..., None]
     return acts

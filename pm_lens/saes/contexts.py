@@ -194,12 +194,13 @@ class _Reading:
         self.n_tokens_seen += int(keep.sum())
         for hook, indices in self.columns.items():
             hook_acts = acts[hook][..., indices].float()
-            peaks = (hook_acts * in_completion[..., None]).amax(1).cpu()  # [batch, n_indices]
-            at_last = hook_acts[rows, last].sum(0).cpu()
+            device = hook_acts.device  # the hook's, when the layers are split
+            peaks = (hook_acts * in_completion.to(device)[..., None]).amax(1).cpu()  # [batch, n_indices]
+            at_last = hook_acts[rows.to(device), last.to(device)].sum(0).cpu()
             for column, index in enumerate(indices):
                 self.completion_max[Node(hook, index)][start : start + len(peaks), side_index] = peaks[:, column]
                 self.last_sum[Node(hook, index)] += float(at_last[column])
-            kept = (hook_acts * keep[..., None]).cpu()
+            kept = (hook_acts * keep.to(device)[..., None]).cpu()
             for row, pos, column in (kept > 0).nonzero().tolist():
                 feature, value = Node(hook, indices[column]), float(kept[row, pos, column])
                 self.firings[feature].append((value, offset + row, pos))

@@ -129,7 +129,7 @@ def evaluate_sae(
             rewards["clean"][side_name].append(clean.pop("reward"))
             keep = side.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids)
             for name, sae in zip(names, saes):
-                nodes = split(sae, clean[name][keep])
+                nodes = split(sae, clean[name][keep.to(clean[name].device)])
                 stats[name].add(nodes.x, nodes.acts, nodes.x - nodes.error)
             for key, group in variants.items():
                 rewards[key][side_name].append(_replaced_reward(rm, side, {n: by_hook[n] for n in group}, keep))
@@ -154,7 +154,7 @@ def _replaced_reward(rm: RewardModel, side: TokenBatch, saes: dict[str, SAE], ke
     def replace(act: Tensor, hook) -> Tensor:  # noqa: ANN001
         sae = saes[hook.name]
         reconstruction = sae.decode(sae.encode(act)).to(act.dtype)
-        where = keep.reshape(*keep.shape, *([1] * (act.ndim - 2)))
+        where = keep.to(act.device).reshape(*keep.shape, *([1] * (act.ndim - 2)))
         return torch.where(where, reconstruction, act)
 
     with rm.hooks(fwd_hooks=[(name, replace) for name in saes]):

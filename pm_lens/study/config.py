@@ -3,7 +3,8 @@
 A config has five sections; every key has a default except the two a run cannot guess
 (``pairs.path``, ``run.out``) and the SAEs (``saes.sources`` or ``saes.train``)::
 
-    [model]       path ("demo" or a Hugging Face reward-model folder), device, dtype, text_format, objective
+    [model]       path ("demo" or a Hugging Face reward-model folder), device, devices_per_rank, dtype,
+                  text_format, objective
     [pairs]       path, split, prompt/chosen/rejected columns, max_tokens, select, k, seed
     [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo"), and/or train
                   (hook points) with train_d_sae, train_architecture, train_k, train_tokens, train_seed
@@ -52,7 +53,10 @@ class Key:
 REQUIRED = object()
 KEYS = (
     Key("model", "path", str, DEMO, 'a Hugging Face reward-model folder, or "demo" for the embedded demo PM', flag="model"),
-    Key("model", "device", str, "cpu", "where the model runs (cpu, cuda, cuda:1, mps)"),
+    Key("model", "device", str, "cpu", "where the model runs (cpu, cuda, cuda:1, mps), or several devices to split its "
+        "layers over (cuda:0,cuda:1)"),
+    Key("model", "devices_per_rank", int, 1, "with device = cuda: GPUs per process, the model's layers split over "
+        "them (under torchrun, rank r's are cuda:r*k onwards)", minimum=1),
     Key("model", "dtype", str, "float32", "weights' dtype", choices=("float32", "bfloat16", "float16")),
     Key("model", "text_format", str, "auto", "how a pair becomes text", choices=("auto", "chat_template", "hh", "raw")),
     Key("model", "objective", object, None, "for a head with several outputs: the output index, or one weight per "
@@ -146,6 +150,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ValueError(f"missing key {key.dotted!r}: {key.help} (in the config or as {key.option})")
         values[key.section][key.name] = _checked(key, flat.get(key.dotted, key.default))
     config = RunConfig(values)
+    _check_devices(config)
     _check_paths(config)
     return config
 
@@ -190,6 +195,13 @@ def _objective(key: Key, value: Any) -> int | list[float] | None:
     if not ok:
         raise ValueError(f"{key.dotted} must be an output index (>= 0) or a list of weights, got {value!r}")
     return [float(v) for v in value] if isinstance(value, list) else value
+
+
+def _check_devices(config: RunConfig) -> None:
+    device, per_rank = config["model.device"], config["model.devices_per_rank"]
+    if per_rank > 1 and device != "cuda":
+        raise ValueError(f"model.devices_per_rank = {per_rank} needs model.device = 'cuda' (got {device!r}); to split "
+                         "over named devices, list them in model.device (cuda:0,cuda:1)")
 
 
 def _check_paths(config: RunConfig) -> None:

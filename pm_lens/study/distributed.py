@@ -9,7 +9,8 @@ after the confirmation shards, rank 0 writes the outputs. Forward passes are sum
 
 Resuming works per shard as in one process (finished shards are read back, whichever rank wrote
 them), so a rank that dies loses only its unfinished shard: run the same command again.
-Backend: ``nccl`` when the model runs on CUDA (each rank on ``cuda:LOCAL_RANK``), else ``gloo``.
+Backend: ``nccl`` when the model runs on CUDA (each rank on ``cuda:LOCAL_RANK``, or with
+``devices_per_rank = k`` on the k GPUs from ``cuda:LOCAL_RANK*k``, its layers split over them), else ``gloo``.
 Without ``WORLD_SIZE`` in the environment (no ``torchrun``), everything is one rank.
 """
 
@@ -30,8 +31,9 @@ class Ranks:
     started_here: bool = False
 
     @classmethod
-    def start(cls, device: str) -> "Ranks":
-        """Join the process group ``torchrun`` describes in the environment (or be the only rank)."""
+    def start(cls, device: str, per_rank: int = 1) -> "Ranks":
+        """Join the process group ``torchrun`` describes in the environment (or be the only rank);
+        ``per_rank`` GPUs per process."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         import torch
@@ -42,7 +44,7 @@ class Ranks:
         if not dist.is_initialized():
             cuda = device.startswith("cuda")
             if cuda:
-                torch.cuda.set_device(local_rank)
+                torch.cuda.set_device(local_rank * per_rank)
             dist.init_process_group("nccl" if cuda else "gloo")
             started = True
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, started)
@@ -51,9 +53,16 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def device(self, device: str) -> str:
-        """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` when there are several."""
-        return f"cuda:{self.local_rank}" if self.world_size > 1 and device == "cuda" else device
+    def device(self, device: str, per_rank: int = 1) -> str:
+        """The device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` when there are several
+        ranks; with ``per_rank = k > 1``, the k GPUs ``cuda:LOCAL_RANK*k`` onwards, comma-separated
+        (the model's layers are split over them)."""
+        if device != "cuda":
+            return device
+        if per_rank > 1:
+            first = self.local_rank * per_rank
+            return ",".join(f"cuda:{first + k}" for k in range(per_rank))
+        return f"cuda:{self.local_rank}" if self.world_size > 1 else device
 
     def owns(self, shard: int) -> bool:
         return shard % self.world_size == self.rank

@@ -85,7 +85,7 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
 
     Under ``torchrun`` each process takes its share of the shards (:mod:`pm_lens.study.distributed`);
     rank 0 returns the result, the other ranks None."""
-    ranks = Ranks.start(config["model.device"])
+    ranks = Ranks.start(config["model.device"], config["model.devices_per_rank"])
     try:
         return _run_study(config, ranks, progress=progress, dry_run=dry_run)
     finally:
@@ -94,13 +94,21 @@ def run_study(config: RunConfig, *, progress: bool = True, dry_run: bool = False
 
 def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool) -> StudyResult | None:
     out = Path(config["run.out"])
-    device = ranks.device(config["model.device"])
+    device = ranks.device(config["model.device"], config["model.devices_per_rank"])
+    if ranks.world_size > 1 and "," in device:
+        raise ValueError(f"model.device {device!r} names devices for one process, but {ranks.world_size} ranks would share "
+                         "them: use model.device = 'cuda' with model.devices_per_rank")
     pairs = read_pairs(config)
     lengths = check_kept(config, pairs)  # with the tokenizer alone, before the model loads
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = _load_saes(config, device)  # and checked against the model's config, before the model loads
+    # SAEs are checked against the model's config before the model loads; with the layers split they
+    # wait on the CPU and then go to their hook's device.
+    loaded = _load_saes(config, "cpu" if "," in device else device)
     rm = _load(config, device)
+    from pm_lens.saes import place_saes
+
+    loaded = place_saes(rm, loaded)
     timings["load"] = time.perf_counter() - start
     counted = rm.forward_count.snapshot()
     if dry_run:
@@ -239,7 +247,7 @@ def _train_saes(rm: Any, config: RunConfig, pairs: list[PreferencePair], out: Pa
                        out_dir=partial, progress=progress)
         partial.rename(folder)
     dtype = _dtype_name(rm)
-    return [load_sae(folder / hook, device=rm.cfg.device, dtype=dtype) for hook in hooks]
+    return [load_sae(folder / hook, device=rm.device_of(hook), dtype=dtype) for hook in hooks]
 
 
 def _load(config: RunConfig, device: str) -> Any:
@@ -280,7 +288,7 @@ def _baselines(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[Pre
     if _finished(path, config):
         from safetensors.torch import load_file
 
-        return {hook: value.to(rm.cfg.device) for hook, value in load_file(str(path)).items()}
+        return {hook: value.to(rm.device_of(hook)) for hook, value in load_file(str(path)).items()}
     from pm_lens.attribution.attribute import feature_baselines
     from pm_lens.attribution.nodes import plain_model
     from pm_lens.data import SKIP_FIRST
@@ -410,8 +418,10 @@ def _print_plan(config: RunConfig, rm: Any, saes: list[Any], pairs: list[Prefere
     shards = -(-k // config["run.shard_pairs"]) if k else 0
     print(f"pairs: {len(pairs)} read, {kept} within {config['pairs.max_tokens']} tokens, {k} selected "
           f"({config['pairs.select']}); about {tokens} tokens over both sides; {shards} shard(s)")
+    if rm.layer_split is not None:
+        print(f"layers split over {len(rm.layer_split.devices)} devices: {rm.layer_split.describe()}")
     for sae in saes:
-        print(f"SAE at {sae.cfg.metadata.hook_name}: {sae.cfg.d_sae} features")
+        print(f"SAE at {sae.cfg.metadata.hook_name}: {sae.cfg.d_sae} features, on {sae.W_dec.device}")
     for hook in config["saes.train"]:
         print(f"SAE at {hook}: {config['saes.train_d_sae']} features, trained ({config['saes.train_architecture']}) on "
               f"the {k} selected pairs before the attribution")
