@@ -53,7 +53,11 @@ def one(hf_model):
 def saes(one):
     batch = encode_pairs(one.tokenizer, PAIRS, max_len=128)
     tokens = torch.cat([batch.chosen.tokens, batch.rejected.tokens[:, : batch.chosen.tokens.shape[1]]])
-    return [sparse_sae_for(one, hook, tokens, seed=i, d_sae=64, fire_rate=0.2) for i, hook in enumerate(HOOKS)]
+    saes = [sparse_sae_for(one, hook, tokens, seed=i, d_sae=64, fire_rate=0.2) for i, hook in enumerate(HOOKS)]
+    with torch.no_grad():  # calibrated thresholds sit exactly on a token's pre-activation: move them off, so
+        for sae in saes:   # float rounding on another device cannot flip whether a feature fires there
+            sae.b_enc.sub_(1e-3)
+    return saes
 
 
 @pytest.fixture(scope="module", params=SPLITS, ids=IDS)
@@ -180,9 +184,14 @@ def test_contexts_and_sae_evaluation_equal_one_device(split, one, saes):
     want = top_contexts(one, saes, PAIRS, features, progress=False)
     got = top_contexts(split, placed, PAIRS, features, progress=False)
     for node in want:
-        assert [(c.pair, c.side, c.tokens) for c in got[node].contexts] == [(c.pair, c.side, c.tokens) for c in want[node].contexts]
-        close([a for c in got[node].contexts for a in c.acts], [a for c in want[node].contexts for a in c.acts])
+        # The strongest window with the same activations. Later ones can differ: both sides of a pair
+        # share the prompt, whose activations are equal up to float rounding (another device, another
+        # padding), and which side a shared window is read from decides which text is used up.
+        top_got, top_want = got[node].contexts[0], want[node].contexts[0]
+        assert top_got.tokens == top_want.tokens
+        close(top_got.acts, top_want.acts)
         close(got[node].completion_max, want[node].completion_max)
+        close([got[node].firing_rate, got[node].last_token_mean], [want[node].firing_rate, want[node].last_token_mean])
     want_eval = evaluate_sae(one, saes, PAIRS, progress=False)
     got_eval = evaluate_sae(split, placed, PAIRS, progress=False)
     for table in ("summary", "per_pair"):
@@ -210,7 +219,9 @@ def test_pm_lens_run_split_over_two_devices_equals_one(tmp_path, hf_model, token
     tokenizer.save_pretrained(model_dir)
     saes[0].save_model(str(sae_dir / "0"))  # on the first device
     saes[1].save_model(str(sae_dir / "1"))  # on the second
-    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in PAIRS * 2]
+    # distinct pairs (repeated ones would tie, and ties may break either way on another device)
+    records = [{"prompt": p.prompt + suffix, "chosen": p.chosen, "rejected": p.rejected} for suffix in ("", " Quick!")
+               for p in PAIRS]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     base = ["run", "--model", str(model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--saes",
             f"{sae_dir / '0'},{sae_dir / '1'}", "--max-tokens", "100", "--k", "6", "--confirm-top", "3", "--shard-pairs", "4", "--quiet"]
