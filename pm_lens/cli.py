@@ -114,6 +114,22 @@ def _parser() -> argparse.ArgumentParser:
     exploit.add_argument("--seed", type=int, default=0, help="seed of the token search")
     exploit.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     _add_run(commands, debug)
+    board = commands.add_parser(
+        "dashboard",
+        help="feature dashboards (HTML and Neuronpedia JSON) for features of a finished pm-lens run",
+        description=("Build feature dashboards for the confirmed features of a finished pm-lens run (or --features, "
+                     "or the --top of its ranking), without rerunning the attribution: activations, examples shaded by "
+                     "activation and by contribution to the reward, the pairs where removing the feature matters most, "
+                     "its direct and total effect, co-firing features and labels. Writes RUN/dashboards/."),
+        epilog=EPILOG, parents=[debug],
+    )
+    board.add_argument("run_dir", type=Path, help="the run's folder (run.out)")
+    choice = board.add_mutually_exclusive_group()
+    choice.add_argument("--features", type=_nodes, default=None,
+                        help="comma-separated nodes, e.g. blocks.6.hook_resid_post:123 (default: the confirmed features)")
+    choice.add_argument("--top", type=_positive, default=None, help="the top N features of the run's ranking")
+    board.add_argument("--device", default=None, help="where the model runs (default: the run's)")
+    board.add_argument("--quiet", action="store_true", help="no progress bars")
     export = commands.add_parser(
         "export-demo",
         help="write the embedded demo PM as a Hugging Face reward-model folder (to try pm-lens run on a real folder)",
@@ -124,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=Path("demo_pm"), help="folder for the model")
     export.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     return parser
+
+
+def _nodes(text: str) -> list[str]:
+    nodes = [part.strip() for part in text.split(",") if part.strip()]
+    if not nodes:
+        raise argparse.ArgumentTypeError(f"no nodes in {text!r}; write hook:index, comma-separated")
+    return nodes
 
 
 def _add_run(commands: argparse._SubParsersAction, debug: argparse.ArgumentParser) -> None:
@@ -192,6 +215,13 @@ def _run(args: argparse.Namespace) -> None:
 
         folder = export_demo_pm(args.out, cache_dir=args.cache_dir)
         print(f"wrote the demo PM to {folder}; its SAEs: {', '.join(str(DEMO_SAES_DIR / h) for h in DEMO_SAE_HOOKS)}")
+    elif args.command == "dashboard":
+        from pm_lens.study.dashboards import dashboard_run
+
+        index = dashboard_run(args.run_dir, features=args.features, top=args.top, device=args.device,
+                              progress=not args.quiet)
+        print(f"wrote {index} (and a page and JSON file per feature beside it; Neuronpedia batches in "
+              f"{index.parent / 'neuronpedia'})")
     elif args.command == "run":
         from pm_lens.study.run import print_summary, run_study
 
@@ -230,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("missing command: choose demo, exploit, run or export-demo")
+        parser.error("missing command: choose demo, exploit, run, dashboard or export-demo")
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if args.command == "run":
         problem = _run_config_problem(args)
+    elif args.command == "dashboard":
+        problem = None if args.run_dir.is_dir() else f"argument run_dir: {str(args.run_dir)!r} is not a folder"
     else:
         problem = _folder_problem("--out", args.out, write=True)
         if problem is None and args.cache_dir is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def render_report(
     contexts: Mapping[Node, FeatureContexts],
     tables: Mapping[str, pd.DataFrame] | None = None,
     notes: Mapping[str, str] | None = None,
+    dashboards: Mapping[str, str] | None = None,
 ) -> str:
     """The report as an HTML string.
 
@@ -57,6 +59,9 @@ def render_report(
         contexts: :func:`pm_lens.saes.contexts.top_contexts` of those features.
         tables: extra titled tables, shown after the fidelity card.
         notes: a paragraph under a section, by section title.
+        dashboards: per node (``"hook:index"``), the relative link to its feature dashboard page
+            (:mod:`pm_lens.dashboard`): the node cells of the feature tables link there, and a
+            "Feature dashboards" section lists them.
     """
     notes = notes or {}
     features = with_direction(features)
@@ -68,7 +73,11 @@ def render_report(
         sign = (f"Every effect is the change when the feature is removed: removing one of these "
                 f"{'lowers' if direction == 'raises' else 'raises'} reward (effect {'< 0' if direction == 'raises' else '> 0'}).")
         note = f"{notes[heading]} {sign}" if heading in notes else sign
-        parts += [_section(heading, {heading: note}), _table(features[features.direction == direction])]
+        parts += [_section(heading, {heading: note}), _table(features[features.direction == direction], dashboards)]
+    if dashboards:
+        links = "".join(f"<li><a href='{_e(href)}'>{_e(node)}</a></li>" for node, href in dashboards.items())
+        index = posixpath.join(posixpath.dirname(next(iter(dashboards.values()))), "index.html")
+        parts += [_section("Feature dashboards", notes), f"<p><a href='{_e(index)}'>all dashboards</a></p><ul>{links}</ul>"]
     parts += [_section("Fidelity", notes), f"<pre>{_e(str(card))}</pre>"]
     for name, table in (tables or {}).items():
         parts += [_section(name, notes), _table(table)]
@@ -115,8 +124,22 @@ def _section(title: str, notes: Mapping[str, str]) -> str:
     return f"<h2>{_e(title)}</h2>{note}"
 
 
-def _table(table: pd.DataFrame) -> str:
-    return table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=True)
+def _table(table: pd.DataFrame, dashboards: Mapping[str, str] | None = None) -> str:
+    """The table as HTML; with ``dashboards``, node names link to their pages."""
+    if not dashboards:
+        return table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=True)
+    table = table.copy()
+    nodes = table["node"] if "node" in table else pd.Series(
+        [str(Node(h, int(f))) for h, f in zip(table.hook_name, table.feature)], index=table.index)
+    for column in table.columns:
+        if table[column].dtype == object:
+            table[column] = table[column].map(lambda v: _e(v) if isinstance(v, str) else v)
+    link = [f"<a href='{_e(dashboards[n])}'>{_e(n)}</a>" if n in dashboards else _e(n) for n in nodes]
+    if "node" in table:
+        table["node"] = link
+    else:
+        table.insert(0, "node", link)
+    return table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0, escape=False)
 
 
 def _feature_block(found: FeatureContexts, direction: str) -> str:

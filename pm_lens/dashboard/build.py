@@ -60,7 +60,7 @@ def build_dashboards(
     *,
     baselines: Mapping[str, Tensor] | None = None,
     estimated: Mapping[str, float] | None = None,
-    per_pair_estimates: Mapping[str, Sequence[float]] | None = None,
+    per_pair_estimates: Mapping[str, Any] | None = None,
     exact: Mapping[str, float] | None = None,
     datapoints: pd.DataFrame | None = None,
     pair_ids: Sequence[int] | None = None,
@@ -86,7 +86,7 @@ def build_dashboards(
             the attribution used.
         estimated, exact: per node string, its mean estimated and exact margin effect (a run's
             ranking and ``features.csv``), shown in the header and beside the direct effect.
-        per_pair_estimates: per node string, ``[n_pairs]`` estimated margin effects: the pairs
+        per_pair_estimates: per node string, ``[n_pairs]`` estimated margin effects (array-like): the pairs
             where it is largest are ablated for the datapoints (default: where it fires most).
         datapoints: rows of a run's ``top_datapoints.csv`` (``node``, ``pair``, rewards before and
             after); for the nodes they cover no ablation is run.
@@ -140,7 +140,7 @@ def _histogram(reading: Reading, node: Node, n_bins: int) -> Histogram:
     values = torch.cat(reading.nonzero[node]).numpy() if reading.nonzero[node] else np.zeros(0)
     top = float(values.max()) if len(values) else 1.0
     counts, edges = np.histogram(values, bins=n_bins, range=(0.0, top))
-    return Histogram([float(e) for e in edges], [int(c) for c in counts], reading.n_tokens, int(len(values)))
+    return Histogram([float(e) for e in edges], [int(c) for c in counts], reading.n_tokens, len(values))
 
 
 def _examples(reading: Reading, node: Node, *, n_top: int, n_intervals: int, per_interval: int, before: int, after: int,
@@ -239,7 +239,7 @@ def _given_datapoints(table: pd.DataFrame | None, ids: list[int]) -> dict[str, l
 
 
 def _ablated_datapoints(rm: RewardModel, saes: dict, pairs: list, ids: list[int], node: Node, reading: Reading,
-                        baselines: dict[str, Tensor], per_pair: Mapping[str, Sequence[float]] | None, n: int,
+                        baselines: dict[str, Tensor], per_pair: Mapping[str, Any] | None, n: int,
                         skip_first: bool, batch_tokens: int) -> list[Datapoint]:
     """Exact ablation of ``node`` on the ``4 n`` pairs where its estimated effect (or, without
     estimates, its activation) is largest; the ``n`` largest exact changes of the margin."""

@@ -104,9 +104,23 @@ def write_dashboards(out_dir: str | Path, dashboards: Sequence[FeatureDashboard]
         write_atomic(out / f"{stem}.html", render_feature_page(dashboard, title=f"{title}: {dashboard.node}"))
         write_atomic(out / f"{stem}.json", json.dumps(dashboard.to_dict(), indent=1))
         links[dashboard.node] = f"{stem}.html"
+    # The index lists every dashboard in the folder: those written before (another call) and these.
+    everything = {d.node: d for d in read_dashboards(out)} | {d.node: d for d in dashboards}
     index = out / "index.html"
-    write_atomic(index, render_index(list(dashboards), title=title, links=links))
+    write_atomic(index, render_index(list(everything.values()), title=title,
+                                     links={node: f"{feature_filename(node)}.html" for node in everything}))
     return index
+
+
+def read_dashboards(folder: str | Path) -> list[FeatureDashboard]:
+    """The dashboards written to ``folder`` by :func:`write_dashboards` (from their JSON files)."""
+    found = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            found.append(FeatureDashboard.from_dict(json.loads(path.read_text())))
+        except (KeyError, TypeError, ValueError):
+            continue  # not a dashboard
+    return found
 
 
 def _e(text: Any) -> str:

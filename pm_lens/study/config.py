@@ -9,7 +9,7 @@ A config has five sections; every key has a default except the two a run cannot 
     [saes]        sources (SAELens folders, dictionary_learning checkpoints, or "demo"), and/or train
                   (hook points) with train_d_sae, train_architecture, train_k, train_tokens, train_seed
     [attribution] method, positions, baseline, ig_steps, batch_tokens, confirm_top, fidelity_top, n_random, seed
-    [run]         out, shard_pairs
+    [run]         out, shard_pairs, dashboards
 
 :func:`load_config` reads the file, applies flag overrides, and checks every value (type, range,
 choices, that paths exist) so that a bad config fails in one line naming the key, the value and
@@ -95,6 +95,8 @@ KEYS = (
     Key("run", "out", str, REQUIRED, "folder for the outputs (a finished or interrupted run there is resumed)",
         flag="out"),
     Key("run", "shard_pairs", int, 64, "pairs per shard (the unit of resumption)", minimum=1),
+    Key("run", "dashboards", str, "confirmed", "feature dashboards (<out>/dashboards) of the confirmed features, or "
+        "none (pm-lens dashboard builds them later)", choices=("confirmed", "none")),
 )
 BY_DOTTED = {key.dotted: key for key in KEYS}
 SECTIONS = tuple(dict.fromkeys(key.section for key in KEYS))
@@ -116,7 +118,7 @@ class RunConfig:
     def digest(self) -> str:
         """A hash of everything that changes the results (not where they are written)."""
         values = self.as_dict()
-        values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
+        values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "dashboards")}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

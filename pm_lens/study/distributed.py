@@ -31,7 +31,7 @@ class Ranks:
     started_here: bool = False
 
     @classmethod
-    def start(cls, device: str, per_rank: int = 1) -> "Ranks":
+    def start(cls, device: str, per_rank: int = 1) -> Ranks:
         """Join the process group ``torchrun`` describes in the environment (or be the only rank);
         ``per_rank`` GPUs per process."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

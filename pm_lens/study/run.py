@@ -157,8 +157,15 @@ def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool
     write_atomic(out / "features.csv", features.to_csv(index=False))
     write_atomic(out / "top_datapoints.csv", datapoints.to_csv(index=False))
     write_atomic(out / "top_contexts.csv", contexts_table(contexts).to_csv(index=False))
-    _write_report(out, config, features, datapoints, card, concerns, contexts)
-    forward_passes = sum(counts[1:], counts[0]).as_dict()  # every rank's
+    links, before = {}, rm.forward_count.snapshot()
+    if config["run.dashboards"] == "confirmed" and confirmed:
+        from pm_lens.study.dashboards import write_run_dashboards
+
+        with _timed(timings, "dashboards"):
+            links = write_run_dashboards(out, rm, saes, config, chosen_pairs, selection, confirmed, baselines=baselines,
+                                         progress=progress)
+    _write_report(out, config, features, datapoints, card, concerns, contexts, links)
+    forward_passes = (sum(counts[1:], counts[0]) + rm.forward_count.since(before)).as_dict()  # every rank's, and the dashboards
     _write_config(out, config, forward_passes, timings, rm, concerns)
     return StudyResult(features, datapoints, selection, card, concerns, out, forward_passes, timings)
 
@@ -248,6 +255,24 @@ def _train_saes(rm: Any, config: RunConfig, pairs: list[PreferencePair], out: Pa
         partial.rename(folder)
     dtype = _dtype_name(rm)
     return [load_sae(folder / hook, device=rm.device_of(hook), dtype=dtype) for hook in hooks]
+
+
+def load_run_inputs(config: RunConfig, out: Path, *, device: str | None = None, progress: bool = True) -> tuple[Any, dict[str, Any], list, pd.DataFrame,
+                                                                                   dict[str, torch.Tensor] | None]:
+    """What a later stage needs from a finished run in ``out``: the model, the SAEs (given and
+    trained, on their hooks' devices), the selected pairs and ``selection.csv``, and the mean
+    baselines (None for the zero baseline); nothing is recomputed. ``device`` overrides the config's."""
+    from pm_lens.attribution.nodes import resolve_saes
+    from pm_lens.saes import place_saes
+
+    device = device or config["model.device"]
+    loaded = _load_saes(config, "cpu" if "," in device else device)
+    rm = _load(config, device)
+    selection = pd.read_csv(out / "selection.csv")
+    pairs = read_pairs(config)
+    chosen_pairs = [pairs[i] for i in selection.pair]
+    saes = resolve_saes(rm, [*place_saes(rm, loaded), *_train_saes(rm, config, chosen_pairs, out, progress)])
+    return rm, saes, chosen_pairs, selection, _baselines(rm, saes, config, chosen_pairs, out)
 
 
 def _load(config: RunConfig, device: str) -> Any:
@@ -381,7 +406,7 @@ def _finished(path: Path, config: RunConfig, *, nodes: list[Node] | None = None)
 
 
 def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoints: pd.DataFrame, card: Any,
-                  concerns: list[str], contexts: dict[Node, Any]) -> None:
+                  concerns: list[str], contexts: dict[Node, Any], dashboards: dict[str, str]) -> None:
     from pm_lens.report import write_report
 
     notes = {"Top datapoints": "Per confirmed feature, the pairs where removing it changes the margin "
@@ -391,10 +416,14 @@ def _write_report(out: Path, config: RunConfig, features: pd.DataFrame, datapoin
                                         "selected pairs (pair: its line in the pairs file), tokens shaded by activation; "
                                         "also in top_contexts.csv."}
     tables = {"Top datapoints": datapoints}
+    if dashboards:
+        notes["Feature dashboards"] = ("A page per confirmed feature (the node links to it): its activations, examples "
+                                       "shaded by activation and by contribution to the reward, the pairs where removing "
+                                       "it matters most, its direct and total effect, co-firing features and labels.")
     if concerns:
         tables = {"What to worry about": pd.DataFrame({"concern": concerns}), **tables}
     write_report(out / "report.html", title=f"pm-lens run: {config['model.path']}", settings=config.as_dict(),
-                 features=features, card=card, contexts=contexts, tables=tables, notes=notes)
+                 features=features, card=card, contexts=contexts, tables=tables, notes=notes, dashboards=dashboards)
 
 
 def _write_config(out: Path, config: RunConfig, forward_passes: dict, timings: dict[str, float], rm: Any,
