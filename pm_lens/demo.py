@@ -18,8 +18,11 @@ Steps of :func:`run_demo`:
    tracks best (correlation of its peak activation in a completion with the attribute);
 7. truth check: per planted attribute, ablate the top ``recovery_top`` features of its pairs
    jointly and measure how much of the PM's margin on them is removed (:func:`pm_lens.attribution.recover`);
-8. write ``features.csv``, ``fidelity.json``, ``recovery.csv``, ``report.html`` and ``config.json``
-   (settings, versions and timings) to the output folder, each atomically.
+8. a feature dashboard (:mod:`pm_lens.dashboard`) for the top feature of each planted attribute,
+   over all the held-out pairs, with how its firing tracks each planted attribute;
+9. write ``features.csv``, ``fidelity.json``, ``recovery.csv``, ``report.html`` (linking the
+   dashboards), ``dashboards/`` and ``config.json`` (settings, versions and timings) to the output
+   folder, each atomically.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pm_lens.report import write_report
 from pm_lens.saes.contexts import FeatureContexts, top_contexts
 from pm_lens.saes.node import Node
 
-N_STEPS = 6
+N_STEPS = 7
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
         recovery.insert(1, "planted_weight", [WEIGHTS[name] for name in recovery.group])
         recovery["top_fires_on"] = [_fires_on(rm, attribution, groups[g], f) for g, f in
                                     zip(recovery.group, recovery.features)]
+    with _timed(timings, "dashboards", progress, "feature dashboards of each planted attribute's top feature"):
+        links = _dashboards(out, rm, saes, pairs, features, attribution, settings)
     forward_passes = rm.forward_count.since(counted).as_dict()
-    _write(out, settings, features, card, recovery, contexts, timings, rm, attribution, forward_passes)
+    _write(out, settings, features, card, recovery, contexts, timings, rm, attribution, forward_passes, links)
     return DemoResult(features, card, recovery, contexts, timings, out, forward_passes)
 
 
@@ -182,6 +187,26 @@ def _fires_on(rm: RewardModel, attribution: Attribution, indices: list[int], fea
     return " | ".join(found[node].describe(2) for node in nodes)
 
 
+def _dashboards(out: Path, rm: RewardModel, saes: list, pairs: list[PreferencePair], features: pd.DataFrame,
+                attribution: Attribution, settings: DemoSettings) -> dict[str, str]:
+    """Dashboards of each planted attribute's top feature over all held-out pairs, in
+    ``out/dashboards`` (with Neuronpedia batches); each node's page relative to ``out``."""
+    from pm_lens.dashboard import build_dashboards
+    from pm_lens.dashboard.neuronpedia import write_neuronpedia
+    from pm_lens.dashboard.render import feature_filename, write_dashboards
+
+    top = features[features["rank"] == 1]
+    nodes = list(dict.fromkeys(Node(h, int(f)) for h, f in zip(top.hook_name, top.feature)))
+    boards = build_dashboards(rm, saes, pairs, nodes, baselines=attribution.baselines,
+                              estimated={str(n): attribution.mean_effect(n) for n in nodes},
+                              batch_tokens=settings.batch_tokens, progress=False)
+    write_dashboards(out / "dashboards", boards, title="pm_lens demo: top feature of each planted attribute")
+    hooks = {sae.cfg.metadata.hook_name for sae in saes}
+    write_neuronpedia(out / "dashboards" / "neuronpedia", boards, model_id="pm-lens-demo-pm",
+                      sae_set={h: "pm-lens-demo" for h in hooks}, layer={h: rm.hook_layer(h) for h in hooks})
+    return {str(n): f"dashboards/{feature_filename(str(n))}.html" for n in nodes}
+
+
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.std() == 0 or b.std() == 0:
         return float("nan")
@@ -199,7 +224,7 @@ def _timed(timings: dict[str, float], name: str, progress: bool, message: str) -
 
 def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: FidelityCard, recovery: pd.DataFrame,
            contexts: dict, timings: dict[str, float], rm: Any, attribution: Attribution,
-           forward_passes: dict[str, dict[str, int]]) -> None:
+           forward_passes: dict[str, dict[str, int]], dashboards: dict[str, str]) -> None:
     config = {
         "settings": asdict(settings),
         "attribution": attribution.settings.as_dict(),
@@ -215,7 +240,7 @@ def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: Fide
     write_atomic(out / "recovery.csv", recovery.to_csv(index=False))
     write_report(out / "report.html", title="pm_lens demo: what drives the demo PM's reward", settings=config,
                  features=features, card=card, contexts=contexts, tables={"Truth check: planted attributes": recovery},
-                 notes=_NOTES)
+                 notes=_NOTES, dashboards=dashboards)
     write_atomic(out / "config.json", json.dumps(config, indent=2))
 
 
@@ -229,6 +254,10 @@ _NOTES = {
     "planted attribute its peak activation in a completion correlates with best (correlation).",
     "Fidelity": "How well the AtP ranking agrees with exact ablation, on the ranked features and a random sample of "
     "the others. Completeness compares the sum of all attributions with removing every node at once (far from linear).",
+    "Feature dashboards": "A page for the top feature of each planted attribute (its node in the tables links there): "
+    "its activations over all held-out texts, examples shaded by activation and by contribution to the reward, the "
+    "pairs where removing it changes the margin most, its direct effect beside its total effect, the features it "
+    "fires with, and how its firing tracks each planted attribute.",
     "Truth check: planted attributes": "Per planted attribute, on held-out pairs that differ only in it: the PM's mean "
     "margin (chosen = the planted-preferred side), and the part of it removed by ablating the top features of those "
     "pairs jointly.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OUTPUTS = ("features.csv", "fidelity.json", "recovery.csv", "report.html", "config.json")
+OUTPUTS = ("features.csv", "fidelity.json", "recovery.csv", "report.html", "dashboards/index.html", "config.json")
 
 
 @dataclass(frozen=True)

@@ -31,22 +31,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pm_lens.attribution.ablate import ablate
+from pm_lens.attribution.ablate import Ablation
 from pm_lens.attribution.batching import pair_batches
+from pm_lens.attribution.clean import CleanRun
 from pm_lens.attribution.formulas import node_effects
 from pm_lens.attribution.nodes import plain_model, resolve_saes
 from pm_lens.dashboard.data import (
     CoFiring,
-    Datapoint,
     DirectEffect,
     Example,
     ExampleGroup,
     FeatureDashboard,
     Histogram,
 )
+from pm_lens.dashboard.datapoints import find_datapoints
 from pm_lens.dashboard.labels import label_rows
 from pm_lens.dashboard.reading import SIDES, Reading, read_texts
-from pm_lens.data import SKIP_FIRST, PairsLike, as_pairs
+from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs
 from pm_lens.model import RewardModel
 from pm_lens.saes.node import Node, as_nodes
 from pm_lens.saes.split import directions, flat, split
@@ -63,6 +64,8 @@ def build_dashboards(
     per_pair_estimates: Mapping[str, Any] | None = None,
     exact: Mapping[str, float] | None = None,
     datapoints: pd.DataFrame | None = None,
+    clean: CleanRun | None = None,
+    ablation: Ablation | None = None,
     pair_ids: Sequence[int] | None = None,
     n_top: int = 5,
     n_intervals: int = 4,
@@ -72,6 +75,7 @@ def build_dashboards(
     n_bins: int = 30,
     n_cofiring: int = 10,
     n_datapoints: int = 5,
+    max_ablation_pairs: int = 256,
     skip_first: bool = SKIP_FIRST,
     batch_tokens: int = 4096,
     seed: int = 0,
@@ -90,12 +94,22 @@ def build_dashboards(
             where it is largest are ablated for the datapoints (default: where it fires most).
         datapoints: rows of a run's ``top_datapoints.csv`` (``node``, ``pair``, rewards before and
             after); for the nodes they cover no ablation is run.
+        clean: the attribution's clean run of ``pairs`` (``attribution.clean_run``): features are
+            read from it and only the blocks after the last SAE hook rerun (for the direct effect);
+            the ablations start from it.
+        ablation: an exact ablation of ``pairs`` (e.g. the fidelity card's): the features it
+            removed take their datapoints and mean effect from it, without another ablation.
         pair_ids: the id shown for each pair (default its index; a run shows its index in the
             pairs file) and used by ``datapoints``.
         n_top, n_intervals, per_interval: examples in the top group, bands of the peak activation,
             and examples drawn from each band.
         before, after: tokens of each example window around its peak.
         n_bins, n_cofiring, n_datapoints: histogram bins, co-firing features and datapoints shown.
+        max_ablation_pairs: for a feature without given datapoints, the most pairs it is ablated
+            on exactly (those where its estimated effect, or activation, is largest). When that
+            covers every pair it fires in and features are removed to 0, the mean exact effect over
+            all pairs follows (removing a feature where it never fires changes nothing) and is
+            shown when ``exact`` does not give it.
     """
     pairs = as_pairs(pairs)
     by_hook = resolve_saes(rm, saes)
@@ -108,25 +122,29 @@ def build_dashboards(
         raise ValueError(f"pair_ids has {len(ids)} ids for {len(pairs)} pairs")
     baselines = {hook: (torch.zeros(sae.cfg.d_sae) if baselines is None else torch.as_tensor(baselines[hook]))
                  .to(sae.W_dec.device, sae.W_dec.dtype) for hook, sae in by_hook.items()}
+    if clean is not None and (clean.n_pairs != len(pairs) or not set(by_hook) <= set(clean.saes)):
+        raise ValueError(f"the clean run is of {clean.n_pairs} pairs with SAEs at {sorted(clean.saes)}; the dashboards "
+                         f"need {len(pairs)} pairs with SAEs at {sorted(by_hook)}")
     with plain_model(rm, by_hook):
-        reading = read_texts(rm, by_hook, pairs, nodes, skip_first=skip_first, batch_tokens=batch_tokens)
+        reading = read_texts(rm, by_hook, pairs, nodes, skip_first=skip_first, batch_tokens=batch_tokens, clean=clean)
         chosen = {node: _examples(reading, node, n_top=n_top, n_intervals=n_intervals, per_interval=per_interval,
                                   before=before, after=after, seed=seed) for node in nodes}
         texts = sorted({(e[0], e[1]) for groups in chosen.values() for _, _, group in groups for e in group})
         contributions = _contributions(rm, by_hook, pairs, texts, nodes, baselines, skip_first=skip_first,
                                        batch_tokens=batch_tokens)
-    given = _given_datapoints(datapoints, ids)
+    found = find_datapoints(rm, by_hook, pairs, ids, nodes, reading, baselines, given=datapoints, exact=exact,
+                            ablation=ablation, clean=clean, per_pair=per_pair_estimates, cap=max_ablation_pairs,
+                            skip_first=skip_first, batch_tokens=batch_tokens)
     dashboards = []
     for node in tqdm(nodes, desc="dashboards", disable=not progress or len(nodes) < 2):
-        points = given.get(str(node)) or _ablated_datapoints(
-            rm, by_hook, pairs, ids, node, reading, baselines, per_pair_estimates, n_datapoints, skip_first, batch_tokens)
+        points, total = found[node]
         groups = [_group(rm, reading, node, contributions, title, bounds, picks, ids, before, after)
                   for title, bounds, picks in chosen[node]]
         dashboards.append(FeatureDashboard(
             node=str(node), hook_name=node.hook_name, feature=int(node.feature), fires_on=_fires_on(rm, reading, node),
-            estimated_margin_effect=_get(estimated, node), exact_margin_effect=_get(exact, node),
+            estimated_margin_effect=_get(estimated, node), exact_margin_effect=total,
             histogram=_histogram(reading, node, n_bins), groups=groups, datapoints=points[:n_datapoints],
-            direct=_direct(reading, node, baselines[node.hook_name][node.feature], _get(exact, node), len(pairs)),
+            direct=_direct(reading, node, baselines[node.hook_name][node.feature], total, len(pairs)),
             cofiring=_cofiring(reading, node, n_cofiring), labels=label_rows(pairs, reading.peaks[node]),
             settings=dict(skip_first=skip_first, n_pairs=len(pairs), seed=seed)))
     return dashboards
@@ -199,14 +217,17 @@ def _contributions(rm: RewardModel, saes: dict, pairs: list, texts: list[tuple[i
     start = 0
     for batch in pair_batches(rm, [pairs[i] for i in wanted], batch_tokens=batch_tokens):
         for side_name, side in zip(SIDES, (batch.chosen, batch.rejected)):
+            rows = [r for r in range(side.tokens.shape[0]) if (wanted[start + r], side_name) in texts]
+            if not rows:
+                continue  # only the sides examples show are run
+            index = torch.tensor(rows, device=side.tokens.device)
+            side = TokenBatch(side.tokens[index], side.attention_mask[index], side.completion_start[index])
             with rm.counting("dashboard"):
                 run = rm.run_with_deltas(side.tokens, side.attention_mask, read=list(saes), grad_at=list(saes))
             keep = side.kept(skip_first=skip_first)
             with torch.no_grad():
-                for row in range(side.tokens.shape[0]):
-                    pair = wanted[start + row]
-                    if (pair, side_name) in texts:
-                        out[(pair, side_name)] = _row_contributions(saes, run, row, nodes, baselines, keep, side)
+                for i, row in enumerate(rows):
+                    out[(wanted[start + row], side_name)] = _row_contributions(saes, run, i, nodes, baselines, keep, side)
         start += batch.chosen.tokens.shape[0]
     return out
 
@@ -224,44 +245,6 @@ def _row_contributions(saes: dict, run: Any, row: int, nodes: list[Node], baseli
         contribution = -effect[0, :, 0] * keep[row].to(effect.device)
         found[node] = contribution[:length].float().cpu()
     return found
-
-
-def _given_datapoints(table: pd.DataFrame | None, ids: list[int]) -> dict[str, list[Datapoint]]:
-    if table is None or table.empty:
-        return {}
-    out: dict[str, list[Datapoint]] = {}
-    for row in table.itertuples():
-        out.setdefault(str(row.node), []).append(Datapoint(
-            pair=int(row.pair), chosen_before=float(row.chosen_before), chosen_after=float(row.chosen_after),
-            rejected_before=float(row.rejected_before), rejected_after=float(row.rejected_after),
-            margin_effect=float(row.margin_effect), preference_flips=bool(row.preference_flips)))
-    return out
-
-
-def _ablated_datapoints(rm: RewardModel, saes: dict, pairs: list, ids: list[int], node: Node, reading: Reading,
-                        baselines: dict[str, Tensor], per_pair: Mapping[str, Any] | None, n: int,
-                        skip_first: bool, batch_tokens: int) -> list[Datapoint]:
-    """Exact ablation of ``node`` on the ``4 n`` pairs where its estimated effect (or, without
-    estimates, its activation) is largest; the ``n`` largest exact changes of the margin."""
-    if per_pair is not None and str(node) in per_pair:
-        score = np.abs(np.asarray(per_pair[str(node)], dtype=float))
-    else:
-        score = reading.peaks[node].sum(1).numpy()
-    candidates = [int(i) for i in np.argsort(-score, kind="stable")[: 4 * n] if score[i] > 0]
-    if not candidates:
-        return []
-    with rm.counting("dashboard"):
-        exact = ablate(rm, [pairs[i] for i in candidates], saes=list(saes.values()), features=[node], baselines=baselines,
-                       skip_first=skip_first, batch_tokens=batch_tokens, progress=False)
-    margin = exact.margin[:, 0]
-    points = []
-    for k in margin.abs().argsort(descending=True)[:n].tolist():
-        cb, rb = float(exact.clean_chosen[k]), float(exact.clean_rejected[k])
-        ca, ra = cb + float(exact.chosen[k, 0]), rb + float(exact.rejected[k, 0])
-        points.append(Datapoint(pair=ids[candidates[k]], chosen_before=cb, chosen_after=ca, rejected_before=rb,
-                                rejected_after=ra, margin_effect=float(margin[k]),
-                                preference_flips=bool((cb - rb > 0) != (ca - ra > 0))))
-    return points
 
 
 def _direct(reading: Reading, node: Node, baseline: Tensor, total: float | None, n_pairs: int) -> DirectEffect | None:

@@ -5,7 +5,8 @@ same tokens, each completion's peak, and the direct path from the feature to the
 For every batch and side: one forward of the plain model (no gradient) reading the SAE hooks and
 the last block's output, counted as ``"dashboard"``; each SAE splits its hook's activation into
 features (:func:`pm_lens.saes.split.split`); padding and, with ``skip_first``, each text's first
-token read 0 everywhere.
+token read 0 everywhere. Given the attribution's clean run (``clean``), its features are read
+from it and only the blocks after the last SAE hook rerun, for the final residual.
 
 The direct path of a feature (:func:`residual_direction`): the direction it writes into the
 residual stream (its decoder row; through ``W_O`` for an ``attn.hook_z`` SAE), carried unchanged
@@ -17,8 +18,8 @@ residual (``torch.func.jvp``: the norm linearised at the actual residual).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from pm_lens.attribution.batching import pair_batches
+from pm_lens.attribution.clean import CleanRun
 from pm_lens.data import PreferencePair
 from pm_lens.model import RewardModel
 from pm_lens.saes.node import Node
@@ -76,6 +78,7 @@ class Reading:
         direct_unit: per feature, per text, d reward / d activation along the direct path (the
             SAE's per-token ``scale`` at the pooled token included); absent for non-writers.
         last_acts: per feature, per text, its activation at the pooled token.
+        any_firing: per feature, ``[n_pairs]`` whether it fires at any kept token of either side.
     """
 
     texts: list[tuple[int, str, list[int], int]] = field(default_factory=list)
@@ -87,30 +90,69 @@ class Reading:
     fires: dict[str, Tensor] = field(default_factory=dict)
     direct_unit: dict[Node, list[float]] = field(default_factory=lambda: defaultdict(list))
     last_acts: dict[Node, list[float]] = field(default_factory=lambda: defaultdict(list))
+    any_firing: dict[Node, Tensor] = field(default_factory=dict)
 
 
 def read_texts(rm: RewardModel, saes: dict[str, SAE], pairs: Sequence[PreferencePair], nodes: Sequence[Node], *,
-               skip_first: bool, batch_tokens: int) -> Reading:
+               skip_first: bool, batch_tokens: int, clean: CleanRun | None = None) -> Reading:
     """The pass of the module docstring over both sides of every pair."""
-    reading = Reading(peaks={node: torch.zeros(len(pairs), 2) for node in nodes})
-    final_hook = f"blocks.{rm.cfg.n_layers - 1}.hook_resid_post"
+    reading = Reading(peaks={node: torch.zeros(len(pairs), 2) for node in nodes},
+                      any_firing={node: torch.zeros(len(pairs), dtype=torch.bool) for node in nodes})
     with torch.no_grad():
         writes = {node: residual_direction(rm, saes[node.hook_name], node.feature) for node in nodes}
+    sides = _from_clean(rm, saes, clean) if clean is not None else _by_running(rm, saes, pairs, batch_tokens)
+    for start, side_index, side, split_nodes, final in sides:
+        with torch.no_grad():
+            _add(reading, rm, side, side_index, start, split_nodes, final, nodes, writes, skip_first=skip_first)
+    return reading
+
+
+def _by_running(rm: RewardModel, saes: dict[str, SAE], pairs: Sequence[PreferencePair], batch_tokens: int) -> Iterator:
+    """Per batch and side: ``(first pair, side index, batch, split nodes, pooled final residual)``."""
+    final_hook = f"blocks.{rm.cfg.n_layers - 1}.hook_resid_post"
     start = 0
     for batch in pair_batches(rm, pairs, batch_tokens=batch_tokens):
         for side_index, side in enumerate((batch.chosen, batch.rejected)):
             with rm.counting("dashboard"), torch.no_grad():
                 run = rm.run_with_deltas(side.tokens, side.attention_mask, read=[*saes, final_hook])
                 split_nodes = {hook: split(sae, run.acts[hook]) for hook, sae in saes.items()}
-                _add(reading, rm, side, side_index, start, split_nodes, run.acts[final_hook], nodes, writes,
-                     skip_first=skip_first)
+            final = run.acts[final_hook]
+            last = (side.attention_mask.sum(1) - 1).to(final.device)
+            yield start, side_index, side, split_nodes, final[torch.arange(len(last), device=final.device), last]
         start += batch.chosen.tokens.shape[0]
-    return reading
+
+
+def _from_clean(rm: RewardModel, saes: dict[str, SAE], clean: CleanRun) -> Iterator:
+    """As :func:`_by_running`, from a clean run: its nodes, and the blocks after its last SAE hook rerun."""
+    for b, start in enumerate(clean.starts):
+        for side_index, name in enumerate(SIDES):
+            run = clean.side(rm, b, name)
+            split_nodes = {hook: replace(run.nodes[hook], acts=run.dense_acts(hook)) for hook in saes}
+            layer, residual = _latest_residual(rm, run)
+            with rm.counting("dashboard"):
+                final = rm.pooled_final_residual(run.batch.attention_mask, tokens=run.batch.tokens, residual=residual,
+                                                 layer=layer)
+            yield start, side_index, run.batch, split_nodes, final
+
+
+def _latest_residual(rm: RewardModel, run: Any) -> tuple[int, Tensor | None]:
+    """The latest block input a clean run holds: a kept block input, or a block output's
+    activation as the next block's input; ``(0, None)`` when there is none (run from the tokens)."""
+    found = dict(run.residuals)
+    for hook, nodes in run.nodes.items():
+        if rm.is_layer_output(hook):
+            found[rm.hook_layer(hook) + 1] = nodes.x
+        elif hook.endswith("hook_resid_pre") and rm.hook_layer(hook) is not None:
+            found[rm.hook_layer(hook)] = nodes.x
+    if not found:
+        return 0, None
+    layer = max(found)
+    return layer, found[layer]
 
 
 def _add(reading: Reading, rm: RewardModel, side: Any, side_index: int, start: int, split_nodes: dict[str, Any],
          final: Tensor, nodes: Sequence[Node], writes: dict[Node, Tensor | None], *, skip_first: bool) -> None:
-    """One side of one batch into ``reading``."""
+    """One side of one batch into ``reading`` (``final``: ``[batch, d_model]`` the pooled final residual)."""
     keep = side.kept(skip_first=skip_first)
     last = side.attention_mask.sum(1) - 1
     rows = torch.arange(len(last))
@@ -131,6 +173,7 @@ def _add(reading: Reading, rm: RewardModel, side: Any, side_index: int, start: i
         acts = (found.acts[..., node.feature] * keep.to(found.acts.device)).float().cpu()
         reading.acts[node] += [acts[row, : int(side.attention_mask[row].sum())] for row in range(acts.shape[0])]
         reading.nonzero[node].append(acts[acts > 0])
+        reading.any_firing[node][start : start + acts.shape[0]] |= (acts > 0).any(1)
         peak = (acts * in_completion.cpu()).amax(1)
         reading.peaks[node][start : start + len(peak), side_index] = peak
         mine = fires[node.hook_name][..., node.feature]
@@ -140,5 +183,5 @@ def _add(reading: Reading, rm: RewardModel, side: Any, side_index: int, start: i
         reading.last_acts[node] += found.acts[rows.to(found.acts.device), last.to(found.acts.device), node.feature].float().cpu().tolist()
         if writes[node] is not None:
             scale = found.scale[rows.to(found.scale.device), last.to(found.scale.device), 0].float().cpu()
-            unit = head_derivative(rm, final[rows.to(final.device), last.to(final.device)], writes[node])
+            unit = head_derivative(rm, final, writes[node])
             reading.direct_unit[node] += (unit * scale).tolist()

@@ -337,6 +337,25 @@ class ModelRuns:
         rows, last = torch.arange(len(last), device=device), last.to(device)
         return [(f"blocks.{final}.hook_resid_mid", lambda resid, hook: resid[rows, last][:, None])]
 
+    def pooled_final_residual(
+        self,
+        attention_mask: Int[Tensor, "batch pos"],
+        *,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        residual: Float[Tensor, "batch pos d_model"] | None = None,
+        layer: int = 0,
+    ) -> Float[Tensor, "batch d_model"]:
+        """The last block's output (the final norm's input) at each row's pooled position: a forward
+        of ``tokens``, or one restarted at block ``layer`` from ``residual`` (that block's input).
+        Right- or left-padded; no gradient."""
+        with torch.no_grad():
+            if residual is None:
+                out = self(tokens, attention_mask=attention_mask, stop_at_layer=self.cfg.n_layers)
+            else:
+                out = self(residual, start_at_layer=layer, stop_at_layer=self.cfg.n_layers, attention_mask=attention_mask)
+        last = final_positions(None, attention_mask).to(out.device)
+        return out[torch.arange(len(last), device=out.device), last]
+
     def prefix_kv(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], *, first_layer: int
     ) -> PrefixKV:

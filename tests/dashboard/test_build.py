@@ -194,3 +194,41 @@ def test_cofiring_counts_and_label_rates_match_the_spliced_activations(setup):
         assert row.chosen_rate == pytest.approx(np.mean([peaks[(p, "chosen")] > 0 for p in geo]))
         assert row.rejected_peak == pytest.approx(np.mean([peaks[(p, "rejected")] for p in geo]), rel=1e-4, abs=1e-7)
         assert not any(r.label == "id" for r in board.labels)  # one value per pair: an id, not a label
+
+
+def test_the_total_effect_is_the_exact_ablation_over_all_pairs(setup):
+    """Without a given exact effect, every pair the feature fires in is ablated: with features
+    removed to 0 the mean over all pairs follows (where it never fires, removal changes nothing)."""
+    from pm_lens import ablate
+
+    rm, saes, _, dashboards = setup
+    for board in dashboards.values():
+        exact = ablate(rm, PAIRS, saes=saes, features=[board.node], progress=False)
+        assert board.exact_margin_effect == pytest.approx(float(exact.margin.mean()), rel=1e-4, abs=1e-7)
+        assert board.direct.total_margin == board.exact_margin_effect
+
+
+def test_reading_from_the_clean_run_and_a_given_ablation_gives_the_same_dashboards(setup):
+    """The demo passes the attribution's clean run (no clean forward; only the blocks after the last
+    SAE rerun, for the direct effect) and the fidelity card's ablation (no new ablation)."""
+    from pm_lens import ablate
+
+    rm, saes, attribution, dashboards = setup
+    nodes = list(dashboards)
+    exact = ablate(rm, PAIRS, saes=saes, features=nodes, clean=attribution.clean_run, progress=False)
+    before = rm.forward_count.snapshot()
+    again = build_dashboards(rm, saes, PAIRS, nodes, before=200, after=200, n_top=8, clean=attribution.clean_run,
+                             ablation=exact, progress=False)
+    spent = rm.forward_count.since(before)
+    assert spent.sequences["dashboard"] < 2 * len(PAIRS) + 2 * 8  # no full clean pass and no ablation of all pairs
+    assert spent.passes["ablation"] == 0
+    for board in again:
+        want = dashboards[board.node]
+        assert board.histogram.counts == want.histogram.counts
+        assert board.direct.per_unit == pytest.approx(want.direct.per_unit, rel=1e-4)
+        assert board.exact_margin_effect == pytest.approx(want.exact_margin_effect, rel=1e-4, abs=1e-7)
+        assert [p.pair for p in board.datapoints] == [p.pair for p in want.datapoints]
+        for got_group, want_group in zip(board.groups, want.groups):
+            for got_example, want_example in zip(got_group.examples, want_group.examples):
+                torch.testing.assert_close(torch.tensor(got_example.acts), torch.tensor(want_example.acts),
+                                           rtol=1e-4, atol=1e-6)
