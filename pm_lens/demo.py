@@ -40,8 +40,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pm_lens.attribution import Attribution, attribute, check_fidelity, recover
-from pm_lens.attribution.fidelity import FidelityCard, ablate_like
+from pm_lens.attribution import Attribution, attribute, recover
+from pm_lens.attribution.ablate import ALL
+from pm_lens.attribution.fidelity import FidelityCard, ablate_like, fidelity, fidelity_sample
 from pm_lens.attribution.recovery import recovered_features
 from pm_lens.data import PreferencePair
 from pm_lens.data.planted import PLANTED_ATTRIBUTES, WEIGHTS, make_planted, single_attribute
@@ -89,8 +90,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
     with _timed(timings, "confirm", progress, f"confirming each attribute's top {settings.top} features by exact ablation"):
         features = rank_by_group(rm, attribution, groups, top=settings.top, batch_tokens=settings.batch_tokens)
     with _timed(timings, "fidelity", progress, "fidelity card: exact ablation of the top and of random features"):
-        card = check_fidelity(rm, attribution, top_k=settings.fidelity_top, n_random=settings.n_random,
-                              seed=settings.seed, **common)
+        sample = fidelity_sample(attribution, top_k=settings.fidelity_top, n_random=settings.n_random, seed=settings.seed)
+        exact = ablate_like(rm, attribution, sample, **common)  # kept: the dashboards read it too
+        card = fidelity(attribution, exact, top_k=settings.fidelity_top,
+                        completeness=ablate_like(rm, attribution, ALL, **common))
     with _timed(timings, "contexts", progress, "reading where the features fire"):
         unique = list(dict.fromkeys(Node(h, int(f)) for h, f in zip(features.hook_name, features.feature)))
         contexts = top_contexts(rm, saes, pairs, unique, n_contexts=settings.n_contexts, skip_first=True, skip_last=True,
@@ -102,7 +105,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
         recovery["top_fires_on"] = [_fires_on(rm, attribution, groups[g], f) for g, f in
                                     zip(recovery.group, recovery.features)]
     with _timed(timings, "dashboards", progress, "feature dashboards of each planted attribute's top feature"):
-        links = _dashboards(out, rm, saes, pairs, features, attribution, settings)
+        links = _dashboards(out, rm, saes, pairs, features, attribution, exact, settings)
     forward_passes = rm.forward_count.since(counted).as_dict()
     _write(out, settings, features, card, recovery, contexts, timings, rm, attribution, forward_passes, links)
     return DemoResult(features, card, recovery, contexts, timings, out, forward_passes)
@@ -188,9 +191,10 @@ def _fires_on(rm: RewardModel, attribution: Attribution, indices: list[int], fea
 
 
 def _dashboards(out: Path, rm: RewardModel, saes: list, pairs: list[PreferencePair], features: pd.DataFrame,
-                attribution: Attribution, settings: DemoSettings) -> dict[str, str]:
+                attribution: Attribution, exact: Any, settings: DemoSettings) -> dict[str, str]:
     """Dashboards of each planted attribute's top feature over all held-out pairs, in
-    ``out/dashboards`` (with Neuronpedia batches); each node's page relative to ``out``."""
+    ``out/dashboards`` (with Neuronpedia batches), from the attribution's clean run and the
+    fidelity card's ablation; each node's page relative to ``out``."""
     from pm_lens.dashboard import build_dashboards
     from pm_lens.dashboard.neuronpedia import write_neuronpedia
     from pm_lens.dashboard.render import feature_filename, write_dashboards
@@ -199,7 +203,8 @@ def _dashboards(out: Path, rm: RewardModel, saes: list, pairs: list[PreferencePa
     nodes = list(dict.fromkeys(Node(h, int(f)) for h, f in zip(top.hook_name, top.feature)))
     boards = build_dashboards(rm, saes, pairs, nodes, baselines=attribution.baselines,
                               estimated={str(n): attribution.mean_effect(n) for n in nodes},
-                              batch_tokens=settings.batch_tokens, progress=False)
+                              clean=attribution.clean_run, ablation=exact, batch_tokens=settings.batch_tokens,
+                              max_ablation_pairs=len(pairs), progress=False)
     write_dashboards(out / "dashboards", boards, title="pm_lens demo: top feature of each planted attribute")
     hooks = {sae.cfg.metadata.hook_name for sae in saes}
     write_neuronpedia(out / "dashboards" / "neuronpedia", boards, model_id="pm-lens-demo-pm",

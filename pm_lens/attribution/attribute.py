@@ -27,7 +27,7 @@ Sums over all nodes of all hooks are kept per pair for the completeness check of
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -210,6 +210,8 @@ def _side_effects(
     names = list(saes)
     if method == "ig":
         grads = _integrated_gradients(rm, run, saes, baselines, ig_steps)
+    with torch.no_grad():
+        run = replace(run, grads={n: flat(saes[n], grads[n]).detach() for n in names})  # kept for dashboards
     result = _SideResult(run, {}, {}, {}, {}, {})
     with torch.no_grad():
         for n in names:

@@ -49,6 +49,10 @@ class SideRun:
         residuals: per block an ablation restarts at, that block's clean input ``[batch, pos, d_model]``.
         kv: the clean keys and values of the blocks from the first SAE hook's on (what a restart
             at a later position attends to), or None (then an ablation computes them once).
+        grads: per hook, the gradient of the side's summed reward the attribution used (AtP: at
+            the clean activation; IG: averaged along the path), flat as the SAE reads the hook
+            ``[batch, pos, d_in]``; None when the run was not an attribution's. Feature dashboards
+            read per-token contributions from it without another backward pass.
     """
 
     batch: TokenBatch
@@ -57,13 +61,14 @@ class SideRun:
     nodes: Mapping[str, SAENodes]
     residuals: Mapping[int, Float[Tensor, "batch pos d_model"]]
     kv: PrefixKV | None = None
+    grads: Mapping[str, Tensor] | None = None
 
     def dense_acts(self, hook_name: str) -> Float[Tensor, "batch pos d_sae"]:
         acts = self.nodes[hook_name].acts
         return acts.to_dense() if acts.is_sparse else acts
 
     def nbytes(self) -> int:
-        tensors = [self.mask, self.rewards, *self.residuals.values()]
+        tensors = [self.mask, self.rewards, *self.residuals.values(), *(self.grads or {}).values()]
         for nodes in self.nodes.values():
             tensors += [nodes.x, nodes.error, nodes.scale]
             tensors += [nodes.acts.values(), nodes.acts.indices()] if nodes.acts.is_sparse else [nodes.acts]
@@ -79,7 +84,8 @@ class SideRun:
                  for n, v in self.nodes.items()}
         batch = TokenBatch(self.batch.tokens[index], self.batch.attention_mask[index], self.batch.completion_start[index])
         return SideRun(batch, self.mask[index], self.rewards[index], nodes, {k: pick(v) for k, v in self.residuals.items()},
-                       None if self.kv is None else self.kv.rows(index))
+                       None if self.kv is None else self.kv.rows(index),
+                       None if self.grads is None else {k: pick(v) for k, v in self.grads.items()})
 
 
 @dataclass(frozen=True)

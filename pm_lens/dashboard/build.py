@@ -23,6 +23,7 @@ viewer did the same by hand). Steps of :func:`build_dashboards`:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -130,8 +131,9 @@ def build_dashboards(
         chosen = {node: _examples(reading, node, n_top=n_top, n_intervals=n_intervals, per_interval=per_interval,
                                   before=before, after=after, seed=seed) for node in nodes}
         texts = sorted({(e[0], e[1]) for groups in chosen.values() for _, _, group in groups for e in group})
-        contributions = _contributions(rm, by_hook, pairs, texts, nodes, baselines, skip_first=skip_first,
-                                       batch_tokens=batch_tokens)
+        contributions = _kept_contributions(clean, by_hook, texts, nodes, baselines, skip_first=skip_first)
+        contributions |= _contributions(rm, by_hook, pairs, [t for t in texts if t not in contributions], nodes,
+                                        baselines, skip_first=skip_first, batch_tokens=batch_tokens)
     found = find_datapoints(rm, by_hook, pairs, ids, nodes, reading, baselines, given=datapoints, exact=exact,
                             ablation=ablation, clean=clean, per_pair=per_pair_estimates, cap=max_ablation_pairs,
                             skip_first=skip_first, batch_tokens=batch_tokens)
@@ -163,7 +165,9 @@ def _histogram(reading: Reading, node: Node, n_bins: int) -> Histogram:
 
 def _examples(reading: Reading, node: Node, *, n_top: int, n_intervals: int, per_interval: int, before: int, after: int,
               seed: int) -> list[tuple[str, tuple[float, float, float], list[tuple[int, str, int]]]]:
-    """Per group: title, (bin_min, bin_max, bin_contains) and the texts ``(pair, side, peak)``."""
+    """Per group: title, (bin_min, bin_max, bin_contains) and the texts ``(pair, side, position)``:
+    the top group by each text's strongest firing; a band's texts are drawn among those with a
+    firing in it (not shown above), each centred on its strongest firing in the band."""
     peaks = [(float(a.max()) if len(a) else 0.0, int(a.argmax()) if len(a) else 0, t)
              for t, a in enumerate(reading.acts[node])]
     firing = sorted([p for p in peaks if p[0] > 0], key=lambda p: -p[0])
@@ -183,9 +187,14 @@ def _examples(reading: Reading, node: Node, *, n_top: int, n_intervals: int, per
     rng = np.random.default_rng(seed + (node.feature or 0))
     for k in range(n_intervals - 1, -1, -1):
         lo, hi = float(edges[k]), float(edges[k + 1])
-        inside = [(reading.texts[t][0], reading.texts[t][1], pos) for value, pos, t in firing
-                  if lo < value <= hi and (reading.texts[t][0], reading.texts[t][1]) not in used]
+        inside = []  # texts with a firing in the band, each centred on its strongest one there
+        for t, acts in enumerate(reading.acts[node]):
+            pair, side = reading.texts[t][:2]
+            band = torch.where((acts > lo) & (acts <= hi), acts, torch.zeros_like(acts))
+            if (pair, side) not in used and bool(band.any()):
+                inside.append((pair, side, int(band.argmax())))
         picks = [inside[i] for i in sorted(rng.choice(len(inside), size=min(per_interval, len(inside)), replace=False))]
+        used |= {(p, s) for p, s, _ in picks}
         share = float(((values > lo) & (values <= hi)).mean())
         groups.append((f"Interval {lo:.3g} - {hi:.3g}", (lo, hi, share), picks))
     return groups
@@ -214,6 +223,8 @@ def _contributions(rm: RewardModel, saes: dict, pairs: list, texts: list[tuple[i
     contribution to the text's reward at each token (one forward and backward per batch)."""
     wanted = sorted({pair for pair, _ in texts})
     out: dict[tuple[int, str], dict[Node, Tensor]] = {}
+    if not wanted:
+        return out
     start = 0
     for batch in pair_batches(rm, [pairs[i] for i in wanted], batch_tokens=batch_tokens):
         for side_name, side in zip(SIDES, (batch.chosen, batch.rejected)):
@@ -226,22 +237,50 @@ def _contributions(rm: RewardModel, saes: dict, pairs: list, texts: list[tuple[i
                 run = rm.run_with_deltas(side.tokens, side.attention_mask, read=list(saes), grad_at=list(saes))
             keep = side.kept(skip_first=skip_first)
             with torch.no_grad():
+                split_nodes = {hook: split(sae, run.acts[hook]) for hook, sae in saes.items()}
+                grads = {hook: flat(sae, run.grads[hook]) for hook, sae in saes.items()}
                 for i, row in enumerate(rows):
-                    out[(wanted[start + row], side_name)] = _row_contributions(saes, run, i, nodes, baselines, keep, side)
+                    out[(wanted[start + row], side_name)] = _row_contributions(saes, split_nodes, grads, i, nodes,
+                                                                               baselines, keep, side)
         start += batch.chosen.tokens.shape[0]
     return out
 
 
-def _row_contributions(saes: dict, run: Any, row: int, nodes: list[Node], baselines: dict[str, Tensor], keep: Tensor,
-                       side: Any) -> dict[Node, Tensor]:
+def _kept_contributions(clean: CleanRun | None, saes: dict, texts: list[tuple[int, str]], nodes: list[Node],
+                        baselines: dict[str, Tensor], *, skip_first: bool) -> dict:
+    """As :func:`_contributions`, for the texts whose clean run (with the attribution's gradients)
+    was kept: no forward at all."""
+    out: dict = {}
+    if clean is None:
+        return out
+    for b, start in enumerate(clean.starts):
+        for side_index, side_name in enumerate(SIDES):
+            run = clean.kept[b][side_index]
+            if run is None or run.grads is None or not set(saes) <= set(run.grads):
+                continue
+            rows = [row for row in range(run.batch.tokens.shape[0]) if (start + row, side_name) in texts]
+            if not rows:
+                continue
+            keep = run.batch.kept(skip_first=skip_first)
+            dense = {hook: replace(run.nodes[hook], acts=run.dense_acts(hook)) for hook in saes}
+            for row in rows:
+                out[(start + row, side_name)] = _row_contributions(saes, dense, run.grads, row, nodes, baselines, keep,
+                                                                   run.batch)
+    return out
+
+
+def _row_contributions(saes: dict, split_nodes: dict, grads: dict, row: int, nodes: list[Node],
+                       baselines: dict[str, Tensor], keep: Tensor, side: Any) -> dict[Node, Tensor]:
+    """Per node, ``[n_tokens]`` the contributions in row ``row``, from each hook's nodes and
+    (flat) gradient of the batch."""
     length = int(side.attention_mask[row].sum())
     found = {}
     for node in nodes:
         sae, hook, f = saes[node.hook_name], node.hook_name, node.feature
-        split_nodes = split(sae, run.acts[hook][row : row + 1])
-        grad = flat(sae, run.grads[hook][row : row + 1])
-        effect, _ = node_effects(grad, split_nodes.acts[..., f : f + 1], baselines[hook][f : f + 1],
-                                 directions(sae)[f : f + 1], split_nodes.error, split_nodes.scale)
+        at = split_nodes[hook]
+        pick = slice(row, row + 1)
+        effect, _ = node_effects(grads[hook][pick], at.acts[pick][..., f : f + 1], baselines[hook][f : f + 1],
+                                 directions(sae)[f : f + 1], at.error[pick], at.scale[pick])
         contribution = -effect[0, :, 0] * keep[row].to(effect.device)
         found[node] = contribution[:length].float().cpu()
     return found

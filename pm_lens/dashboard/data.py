@@ -31,7 +31,8 @@ class Example:
         contributions: per token, the feature's estimated contribution to this text's reward from
             its activation there (attribution patching: ``-grad . d_f * (baseline - act)``);
             positive where it raises the reward, 0 where it does not fire.
-        peak: index in the window of the strongest firing.
+        peak: index in the window of the firing the example is centred on (its strongest one, or
+            in an interval group its strongest one inside the band).
         completion_start: index in the window of the first completion token (may be < 0 or past
             the end when the window lies inside the completion or the prompt).
     """

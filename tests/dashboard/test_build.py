@@ -232,3 +232,34 @@ def test_reading_from_the_clean_run_and_a_given_ablation_gives_the_same_dashboar
             for got_example, want_example in zip(got_group.examples, want_group.examples):
                 torch.testing.assert_close(torch.tensor(got_example.acts), torch.tensor(want_example.acts),
                                            rtol=1e-4, atol=1e-6)
+
+
+def test_contributions_read_from_the_kept_gradients_equal_a_fresh_backward(setup):
+    """attribute() keeps each side's gradients in its clean run; the dashboards' per-token
+    contributions from them equal those of a new forward and backward (and need neither)."""
+    rm, saes, attribution, dashboards = setup
+    before = rm.forward_count.snapshot()
+    again = build_dashboards(rm, saes, PAIRS, list(dashboards), before=200, after=200, n_top=8,
+                             clean=attribution.clean_run, progress=False)
+    assert rm.forward_count.since(before).sequences["dashboard"] <= 2 * len(PAIRS)  # restarts for the final residual
+    for board in again:
+        want = dashboards[board.node]
+        for got_group, want_group in zip(board.groups, want.groups):
+            for got_example, want_example in zip(got_group.examples, want_group.examples):
+                torch.testing.assert_close(torch.tensor(got_example.contributions),
+                                           torch.tensor(want_example.contributions), rtol=1e-4, atol=1e-7)
+
+
+def test_interval_examples_lie_in_their_band_and_bands_count_the_activations(setup):
+    rm, saes, _, dashboards = setup
+    found = all_acts(rm, saes)
+    for board in dashboards.values():
+        values = torch.cat([acts[board.hook_name][:, board.feature] for *_, acts in found]).detach().numpy()
+        nonzero = values[values > 0]
+        shown = [(e.pair, e.side) for g in board.groups for e in g.examples]
+        assert len(shown) == len(set(shown))  # no text twice
+        for group in board.groups[1:]:
+            inside = (nonzero > group.bin_min) & (nonzero <= group.bin_max)
+            assert group.bin_contains == pytest.approx(inside.mean(), rel=1e-5)
+            for example in group.examples:
+                assert group.bin_min < example.max_act <= group.bin_max + 1e-6
