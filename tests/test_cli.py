@@ -52,10 +52,17 @@ def test_demo_writes_sane_outputs(first_load, tmp_path, capsys):
     assert report.count("class='context'") >= len(features.drop_duplicates(["hook_name", "feature"]))
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["pairs_per_attribute"] == 2 and set(config["timings_s"]) >= {"load", "attribute"}
-    # One clean forward per side of each pair (12 pairs); the rest are ablations; contexts read the clean run.
+    # One clean forward per side of each pair (12 pairs); the rest are ablations; contexts read the clean run,
+    # and so do the dashboards, which rerun only the blocks after the last SAE (for the final residual).
     passes = config["forward_passes"]
     assert passes["clean"]["sequences"] == 2 * 12
-    assert set(passes) <= {"clean", "ablation", "probe", "total"}
+    assert passes["dashboard"]["sequences"] == 2 * 12
+    assert set(passes) <= {"clean", "ablation", "probe", "dashboard", "total"}
+    # A dashboard for each planted attribute's top feature, linked from the report.
+    tops = features[features["rank"] == 1]
+    for node in {f"{h}:{f}" for h, f in zip(tops.hook_name, tops.feature)}:
+        page = f"dashboards/{node.replace(':', '-')}.html"
+        assert (out / page).exists() and f"href='{page}'" in report
     assert config["attribution"]["text_format"] == "chat_template" and config["attribution"]["skip_first"] is True
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
