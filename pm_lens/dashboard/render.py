@@ -240,7 +240,8 @@ def _direct(d: FeatureDashboard) -> str:
     head = _section("direct", "Direct and total effect", note)
     r = d.direct
     if r is None:
-        return head + "<p class='note'>(not measured)</p>"
+        return head + ("<p class='note'>(not measured: no direct path; the SAE's hook does not write into the residual "
+                       "stream, e.g. mlp.hook_post, so its whole effect goes through later layers)</p>")
     indirect = None if r.total_margin is None else r.total_margin - r.margin
     columns = ["per unit", "direct margin", "direct chosen", "direct rejected", "total margin", "indirect margin"]
     return head + _table(columns, [[_g(r.per_unit), _s(r.margin), _s(r.chosen), _s(r.rejected),

@@ -263,3 +263,45 @@ def test_interval_examples_lie_in_their_band_and_bands_count_the_activations(set
             assert group.bin_contains == pytest.approx(inside.mean(), rel=1e-5)
             for example in group.examples:
                 assert group.bin_min < example.max_act <= group.bin_max + 1e-6
+
+
+def test_attention_and_mlp_neuron_saes(tmp_path):
+    """An ``attn.hook_z`` SAE writes into the residual stream through W_O: its direct path is the
+    decoder row mapped by W_O (checked by hand); an ``mlp.hook_post`` SAE has no direct path
+    (None), and both pages render."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from pm_lens.dashboard.render import write_dashboards
+    from pm_lens.testing import calibrate_sparsity
+
+    rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=3), char_tokenizer())
+    tokens = encode_pairs(rm.tokenizer, PAIRS, max_len=128).chosen.tokens
+    saes = []
+    for hook, width, reshape in (("blocks.1.attn.hook_z", rm.cfg.n_heads * rm.cfg.d_head, "hook_z"),
+                                 ("blocks.2.mlp.hook_post", rm.cfg.d_mlp, "none")):
+        torch.manual_seed(0)
+        sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=32, reshape_activations=reshape,
+                                            metadata=SAEMetadata(hook_name=hook)))
+        with torch.no_grad():
+            sae.W_enc.normal_(0, width**-0.5)
+            sae.W_dec.normal_(0, 32**-0.5)
+        _, cache = rm.run_with_cache(tokens, names_filter=hook)
+        saes.append(calibrate_sparsity(sae, cache[hook].flatten(2).flatten(0, 1).float(), fire_rate=0.2))
+    boards = build_dashboards(rm, saes, PAIRS, [("blocks.1.attn.hook_z", 3), ("blocks.2.mlp.hook_post", 5)],
+                              progress=False)
+    z, post = boards
+    assert post.direct is None
+    final_hook = f"blocks.{rm.cfg.n_layers - 1}.hook_resid_post"
+    W_O = rm.blocks[1].attn.W_O.detach().double()
+    v = torch.einsum("hd,hdm->m", saes[0].W_dec[3].detach().double().reshape(W_O.shape[:2]), W_O)
+    w = rm.unembed.W_U[:, 0].detach().double()
+    units = []
+    for _, _, ids, _ in texts(rm):
+        _, cache = rm.run_with_cache(torch.tensor([ids]), names_filter=[final_hook])
+        x = cache[final_hook][0, -1].detach().double()
+        s = torch.sqrt((x * x).mean() + rm.cfg.eps)
+        units.append(float(w @ (v / s - x * (x @ v) / (len(x) * s**3))))
+    assert z.direct.per_unit == pytest.approx(np.mean(units), rel=1e-4)
+    index = write_dashboards(tmp_path, boards)
+    assert "no direct" in (tmp_path / "blocks.2.mlp.hook_post-5.html").read_text() and index.exists()
