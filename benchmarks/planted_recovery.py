@@ -32,6 +32,7 @@ from pm_lens.attribution import recover  # noqa: E402
 from pm_lens.attribution.recovery import recovered_features  # noqa: E402
 from pm_lens.demo import held_out_pairs  # noqa: E402
 from pm_lens.demo_pm import DEMO_SAE_HOOKS, demo_reward_model, demo_saes  # noqa: E402
+from pm_lens.readability import readability  # noqa: E402
 from pm_lens.saes.contexts import top_contexts  # noqa: E402
 
 STYLE = ("closer", "idk", "repetition", "url", "rude")
@@ -58,12 +59,14 @@ def main() -> None:
     table = pd.concat(rows, ignore_index=True)
     table["accuracy"] = [float((attribution.clean_margin[groups[g]] > 0).float().mean()) for g in table.group]
     everything = table[table.saes == "all 3"].set_index("group")
-    fires_on = {}
+    fires_on, readable = {}, {}
     for group, features in everything.features.items():
         nodes = recovered_features(features)[:3]
-        found = top_contexts(rm, saes, [pairs[i] for i in groups[group]], nodes, n_contexts=1, skip_first=True,
-                             skip_last=True, progress=False)
+        group_pairs = [pairs[i] for i in groups[group]]
+        found = top_contexts(rm, saes, group_pairs, nodes, n_contexts=5, skip_first=True, skip_last=True, progress=False)
         fires_on[group] = " | ".join(f"L{n[0].split('.')[1]}#{n[1]}: {found[n].describe(2)}" for n in nodes)
+        if group in STYLE:  # issue 15's score: one of the top 3 features' top 5 contexts fires on the marker
+            readable.update(readability(rm.tokenizer, rm.text_format, group_pairs, {group: nodes}, found))
 
     with pd.option_context("display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format):
         print(f"\nPlanted recovery on the demo PM: {n_pairs} held-out single-attribute pairs per attribute, "
@@ -76,6 +79,9 @@ def main() -> None:
     hits = [g for g in STYLE if everything.loc[g, "fraction_removed"] >= 0.5]
     print(f"\nstyle attributes with >= 50% of the margin removed (all 3 SAEs): {len(hits)}/5 {hits} "
           f"(target: >= 4/5) -> {'met' if len(hits) >= 4 else 'MISSED'}")
+    print(f"readability: {sum(readable.values())}/5 style attributes have a top-3 feature whose top 5 contexts fire on "
+          f"the planted marker {[g for g, ok in readable.items() if ok]} (target: 5/5) -> "
+          f"{'met' if sum(readable.values()) == 5 else 'MISSED'}")
     print(f"total time {time.perf_counter() - start:.0f}s")
 
 

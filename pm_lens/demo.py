@@ -50,6 +50,7 @@ from pm_lens.demo_settings import OUTPUTS as OUTPUTS
 from pm_lens.demo_settings import DemoSettings as DemoSettings
 from pm_lens.io import versions, write_atomic
 from pm_lens.model import RewardModel
+from pm_lens.readability import readability
 from pm_lens.report import write_report
 from pm_lens.saes.contexts import FeatureContexts, top_contexts
 from pm_lens.saes.node import Node
@@ -68,6 +69,7 @@ class DemoResult:
     timings: dict[str, float]
     out_dir: Path
     forward_passes: dict[str, dict[str, int]]
+    readability: dict[str, bool]
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, cache_dir: str | Path | None = None,
@@ -99,6 +101,9 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
         contexts = top_contexts(rm, saes, pairs, unique, n_contexts=settings.n_contexts, skip_first=True, skip_last=True,
                                 clean=attribution.clean_run, progress=progress)
         features = _describe(features, contexts, pairs, groups)
+        ranked = {a: [Node(h, int(f)) for h, f in zip(rows.hook_name, rows.feature)]
+                  for a, rows in features.sort_values("rank").groupby("attribute", sort=False)}
+        readable = readability(rm.tokenizer, rm.text_format, pairs, ranked, contexts)
     with _timed(timings, "recover", progress, "truth check: ablating each attribute's top features together"):
         recovery = recover(rm, attribution, groups, top_n=settings.recovery_top, **common)
         recovery.insert(1, "planted_weight", [WEIGHTS[name] for name in recovery.group])
@@ -107,8 +112,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
     with _timed(timings, "dashboards", progress, "feature dashboards of each planted attribute's top feature"):
         links = _dashboards(out, rm, saes, pairs, features, attribution, exact, settings)
     forward_passes = rm.forward_count.since(counted).as_dict()
-    _write(out, settings, features, card, recovery, contexts, timings, rm, attribution, forward_passes, links)
-    return DemoResult(features, card, recovery, contexts, timings, out, forward_passes)
+    _write(out, settings, features, card, recovery, contexts, timings, rm, attribution, forward_passes, links, readable)
+    return DemoResult(features, card, recovery, contexts, timings, out, forward_passes, readable)
 
 
 def held_out_pairs(per_attribute: int, *, seed: int = 0) -> tuple[list[PreferencePair], dict[str, list[int]]]:
@@ -190,6 +195,10 @@ def _fires_on(rm: RewardModel, attribution: Attribution, indices: list[int], fea
     return " | ".join(found[node].describe(2) for node in nodes)
 
 
+def _readability_table(readable: dict[str, bool]) -> pd.DataFrame:
+    return pd.DataFrame({"attribute": list(readable), "a top-3 feature fires on its marker": list(readable.values())})
+
+
 def _dashboards(out: Path, rm: RewardModel, saes: list, pairs: list[PreferencePair], features: pd.DataFrame,
                 attribution: Attribution, exact: Any, settings: DemoSettings) -> dict[str, str]:
     """Dashboards of each planted attribute's top feature over all held-out pairs, in
@@ -229,8 +238,9 @@ def _timed(timings: dict[str, float], name: str, progress: bool, message: str) -
 
 def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: FidelityCard, recovery: pd.DataFrame,
            contexts: dict, timings: dict[str, float], rm: Any, attribution: Attribution,
-           forward_passes: dict[str, dict[str, int]], dashboards: dict[str, str]) -> None:
+           forward_passes: dict[str, dict[str, int]], dashboards: dict[str, str], readable: dict[str, bool]) -> None:
     config = {
+        "readability": {"score": f"{sum(readable.values())}/{len(readable)}", **readable},
         "settings": asdict(settings),
         "attribution": attribution.settings.as_dict(),
         "model": {"name": "pm_lens demo PM (SmolLM2-135M-Instruct + planted-preference head)",
@@ -244,7 +254,8 @@ def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: Fide
     card.save(out / "fidelity.json")
     write_atomic(out / "recovery.csv", recovery.to_csv(index=False))
     write_report(out / "report.html", title="pm_lens demo: what drives the demo PM's reward", settings=config,
-                 features=features, card=card, contexts=contexts, tables={"Truth check: planted attributes": recovery},
+                 features=features, card=card, contexts=contexts,
+                 tables={"Truth check: planted attributes": recovery, "Readability": _readability_table(readable)},
                  notes=_NOTES, dashboards=dashboards)
     write_atomic(out / "config.json", json.dumps(config, indent=2))
 
@@ -263,6 +274,9 @@ _NOTES = {
     "its activations over all held-out texts, examples shaded by activation and by contribution to the reward, the "
     "pairs where removing it changes the margin most, its direct effect beside its total effect, the features it "
     "fires with, and how its firing tracks each planted attribute.",
+    "Readability": "Per style attribute: does one of the top 5 contexts of one of its top 3 features have its "
+    "strongest firing on the planted marker (the closer, the 'I don't know'-type phrase, the repeated sentence, the "
+    "URL, the rude phrase: pm_lens.readability), rather than on a template token or punctuation next to it?",
     "Truth check: planted attributes": "Per planted attribute, on held-out pairs that differ only in it: the PM's mean "
     "margin (chosen = the planted-preferred side), and the part of it removed by ablating the top features of those "
     "pairs jointly.",
@@ -280,6 +294,10 @@ def print_summary(result: DemoResult) -> None:
         print(f"\n{result.card}")
         print("\nTruth check: the margin each planted attribute's top features remove when ablated together:")
         print(result.recovery.drop(columns=["features", "estimated"]).to_string(index=False))
+    readable = result.readability
+    answers = ", ".join(f"{attribute} {'yes' if ok else 'no'}" for attribute, ok in readable.items())
+    print(f"\nreadability: {sum(readable.values())}/{len(readable)} style attributes have a top-3 feature whose top "
+          f"contexts fire on the planted marker ({answers})")
     total = sum(result.timings.values())
     print(f"\nwall time {total:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in result.timings.items())})")
     counts = ", ".join(f"{purpose} {c['passes']} ({c['sequences']} sequences)" for purpose, c in result.forward_passes.items())
