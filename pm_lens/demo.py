@@ -172,12 +172,12 @@ def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair
             fires_in=side, exact_reward_effect=reward_effect,
             # Removing a feature that raises reward lowers it.
             direction="raises" if reward_effect < 0 else "lowers",
-            fires_on=found.describe(3), at_last_token=found.last_token_mean,
+            label=found.label, fires_on=found.describe(3), at_last_token=found.last_token_mean,
             tracks_attribute=best if np.isfinite(scores[best]) else "", correlation=scores[best],
         ))
     table = pd.concat([features.reset_index(drop=True), pd.DataFrame(described)], axis=1)
-    columns = ["attribute", "rank", "direction", "hook_name", "feature", "estimated_margin_effect", "exact_margin_effect",
-               "fires_in", "exact_reward_effect", "fires_on", "at_last_token", "tracks_attribute", "correlation",
+    columns = ["attribute", "rank", "direction", "hook_name", "feature", "label", "estimated_margin_effect",
+               "exact_margin_effect", "fires_in", "exact_reward_effect", "fires_on", "at_last_token", "tracks_attribute", "correlation",
                "sign_agreement",
                "exact_chosen_effect", "exact_rejected_effect"]
     return table[columns]
@@ -264,7 +264,8 @@ _NOTES = {
     "Features that raise reward": "Per planted attribute, the features AtP ranks first on its held-out pairs. "
     "Effects are those of removing the feature, averaged over the attribute's pairs: estimated (AtP) and exact "
     "(ablation) on the margin, and exact on the reward of the completion it fires in (fires_in); a feature whose "
-    "removal lowers that reward raises reward. fires_on: the tokens it fires on most strongly, the last token left "
+    "removal lowers that reward raises reward. label: the n-gram most characteristic of where it fires, against all "
+    "the texts read (pm_lens.saes.labels). fires_on: the tokens it fires on most strongly, the last token left "
     "out; at_last_token: its mean activation at the last token, where the reward is read (features that summarise "
     "a completion fire hardest there); tracks_attribute: the "
     "planted attribute its peak activation in a completion correlates with best (correlation).",
@@ -285,8 +286,8 @@ _NOTES = {
 
 def print_summary(result: DemoResult) -> None:
     """Print the ranked features, the fidelity card and the truth check."""
-    shown = ["attribute", "rank", "hook_name", "feature", "estimated_margin_effect", "exact_margin_effect", "fires_in",
-             "exact_reward_effect", "fires_on", "tracks_attribute"]
+    shown = ["attribute", "rank", "hook_name", "feature", "label", "estimated_margin_effect", "exact_margin_effect",
+             "fires_in", "exact_reward_effect", "fires_on", "tracks_attribute"]
     with pd.option_context("display.width", 200, "display.max_colwidth", 36, "display.float_format", "{:.3f}".format):
         for direction, heading in (("raises", "Features that raise reward"), ("lowers", "Features that lower reward")):
             print(f"\n{heading} (each planted attribute's top features on its held-out pairs; effects of removing them):")

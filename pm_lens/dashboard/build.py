@@ -50,6 +50,7 @@ from pm_lens.dashboard.labels import label_rows
 from pm_lens.dashboard.reading import SIDES, Reading, read_texts
 from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs
 from pm_lens.model import RewardModel
+from pm_lens.saes.labels import characteristic_ngrams
 from pm_lens.saes.node import Node, as_nodes
 from pm_lens.saes.split import directions, flat, split
 
@@ -137,6 +138,8 @@ def build_dashboards(
     found = find_datapoints(rm, by_hook, pairs, ids, nodes, reading, baselines, given=datapoints, exact=exact,
                             ablation=ablation, clean=clean, per_pair=per_pair_estimates, cap=max_ablation_pairs,
                             skip_first=skip_first, batch_tokens=batch_tokens)
+    labels = characteristic_ngrams(rm.tokenizer, {node: _firings(reading, node) for node in nodes},
+                                   [ids for _, _, ids, _ in reading.texts])
     dashboards = []
     for node in tqdm(nodes, desc="dashboards", disable=not progress or len(nodes) < 2):
         points, total = found[node]
@@ -148,8 +151,14 @@ def build_dashboards(
             histogram=_histogram(reading, node, n_bins), groups=groups, datapoints=points[:n_datapoints],
             direct=_direct(reading, node, baselines[node.hook_name][node.feature], total, len(pairs)),
             cofiring=_cofiring(reading, node, n_cofiring), labels=label_rows(pairs, reading.peaks[node]),
-            settings=dict(skip_first=skip_first, n_pairs=len(pairs), seed=seed)))
+            settings=dict(skip_first=skip_first, n_pairs=len(pairs), seed=seed), label=labels[node]))
     return dashboards
+
+
+def _firings(reading: Reading, node: Node) -> list[tuple[float, int, int]]:
+    """``(activation, text, position)`` of every firing of ``node``."""
+    return [(float(acts[pos]), t, pos) for t, acts in enumerate(reading.acts[node])
+            for pos in torch.nonzero(acts).flatten().tolist()]
 
 
 def _get(values: Mapping[str, float] | None, node: Node) -> float | None:

@@ -192,6 +192,8 @@ class FeatureDashboard:
         estimated_margin_effect, exact_margin_effect: from the run's ranking and confirmation
             (None when not measured).
         histogram, groups, datapoints, direct, cofiring, labels: the page's sections.
+        label: an automatic label, the n-gram most characteristic of its firings against the
+            run's texts (:mod:`pm_lens.saes.labels`).
     """
 
     node: str
@@ -207,6 +209,7 @@ class FeatureDashboard:
     cofiring: list[CoFiring]
     labels: list[LabelRow]
     settings: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
 
     @property
     def key(self) -> Node:

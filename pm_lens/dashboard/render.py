@@ -160,8 +160,9 @@ def _table(columns: list[str], rows: list[list[Any]], empty: str) -> str:
 
 
 def _header(d: FeatureDashboard) -> str:
+    label = f"<p>Label <b>{_e(repr(d.label))}</b>: the n-gram most characteristic of where it fires.</p>" if d.label else ""
     return (f"<p>Node <b>{_e(d.node)}</b> (feature {d.feature} of the SAE at {_e(d.hook_name)}), fires on "
-            f"{_e(d.fires_on)}.</p><p>Estimated margin effect <b>{_s(d.estimated_margin_effect)}</b>, exact "
+            f"{_e(d.fires_on)}.</p>{label}<p>Estimated margin effect <b>{_s(d.estimated_margin_effect)}</b>, exact "
             f"margin effect <b>{_s(d.exact_margin_effect)}</b>.</p><p class='note'>Effect = change of the margin "
             "r(chosen) - r(rejected) when the feature is removed; negative means the feature raises the margin. "
             "The estimate is the attribution ranking's; the exact one is from ablation.</p>")

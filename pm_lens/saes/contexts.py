@@ -15,7 +15,9 @@ Steps of :func:`top_contexts`:
 2. per feature, every firing is kept as (activation, text, position); the contexts are the
    windows around the strongest firings, at most one per text and no two with the same tokens
    (the shared prompt of a pair's two sides would otherwise repeat);
-3. per feature, the tokens it fires on most: token types ordered by their strongest firing.
+3. per feature, the tokens it fires on most: token types ordered by their strongest firing, and
+   an automatic label: the n-gram most characteristic of its firings against the texts read
+   (:mod:`pm_lens.saes.labels`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs, encode_pairs
 from pm_lens.model import RewardModel
 from pm_lens.saes.attach import feature_acts, saes_attached
+from pm_lens.saes.labels import characteristic_ngrams
 from pm_lens.saes.node import Node, as_nodes
 
 
@@ -73,6 +76,8 @@ class FeatureContexts:
         completion_max: ``[n_pairs, 2]`` its largest activation in each pair's chosen and
             rejected completion, the last token included (0 where it does not fire there).
         last_token_mean: its mean activation at the texts' last token (where the reward is read).
+        label: an automatic label, the n-gram most characteristic of its firings against the
+            texts read (:mod:`pm_lens.saes.labels`); ``""`` when it never fires or was not computed.
     """
 
     node: Node
@@ -81,6 +86,7 @@ class FeatureContexts:
     firing_rate: float
     completion_max: Tensor
     last_token_mean: float
+    label: str = ""
 
     def describe(self, n_tokens: int = 3) -> str:
         """The tokens it fires on most, as one short string (e.g. ``"' welcome' '!'"``)."""
@@ -129,7 +135,9 @@ def top_contexts(
         _read_clean_run(rm, clean, pairs, reading)
     else:
         _read_by_running(rm, list(by_hook.values()), pairs, reading, batch_size=batch_size, progress=progress)
-    return {f: _summarise(rm.tokenizer, f, reading, n_contexts=n_contexts, n_tokens=n_tokens, before=before, after=after)
+    labels = characteristic_ngrams(rm.tokenizer, reading.firings, [ids for _, _, ids, _ in reading.texts])
+    return {f: _summarise(rm.tokenizer, f, reading, n_contexts=n_contexts, n_tokens=n_tokens, before=before, after=after,
+                          label=labels[f])
             for f in features}
 
 
@@ -209,7 +217,7 @@ class _Reading:
 
 
 def _summarise(tokenizer: Any, feature: Node, reading: _Reading, *, n_contexts: int, n_tokens: int, before: int,
-               after: int) -> FeatureContexts:
+               after: int, label: str = "") -> FeatureContexts:
     firings, texts = reading.firings[feature], reading.texts
     acts_by_text: dict[int, dict[int, float]] = defaultdict(dict)
     for value, text, pos in firings:
@@ -238,5 +246,5 @@ def _summarise(tokenizer: Any, feature: Node, reading: _Reading, *, n_contexts: 
         top_tokens=[(tokenizer.decode([token]), value) for token, value in top],
         firing_rate=len(firings) / max(1, reading.n_tokens_seen),
         completion_max=reading.completion_max[feature],
-        last_token_mean=reading.last_sum[feature] / max(1, 2 * reading.n_pairs),
+        last_token_mean=reading.last_sum[feature] / max(1, 2 * reading.n_pairs), label=label,
     )

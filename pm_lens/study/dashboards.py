@@ -34,12 +34,12 @@ FOLDER = "dashboards"
 
 def write_run_dashboards(out: Path, rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[PreferencePair],
                          selection: pd.DataFrame, nodes: list[Node], *, baselines: dict[str, torch.Tensor] | None,
-                         progress: bool) -> dict[str, str]:
-    """Build and write the dashboards of ``nodes`` over the run's selected ``pairs``; returns each
-    node's page, relative to ``out`` (for the report's links)."""
+                         progress: bool) -> list[Any]:
+    """Build and write the dashboards of ``nodes`` over the run's selected ``pairs``; returns them
+    (:func:`page` gives each one's link from ``out``)."""
     from pm_lens.dashboard import build_dashboards
     from pm_lens.dashboard.neuronpedia import write_neuronpedia
-    from pm_lens.dashboard.render import feature_filename, read_dashboards, write_dashboards
+    from pm_lens.dashboard.render import read_dashboards, write_dashboards
 
     features = _read_csv(out / "features.csv")
     exact = dict(zip(features.node, features.exact_margin_effect)) if features is not None else {}
@@ -54,7 +54,14 @@ def write_run_dashboards(out: Path, rm: Any, saes: dict[str, Any], config: RunCo
     write_neuronpedia(folder / "neuronpedia", read_dashboards(folder),  # every page of the folder, earlier ones too
                       model_id=Path(config["model.path"]).name or "reward-model",
                       sae_set={hook: f"pm-lens-{hook}" for hook in saes}, layer={hook: _layer(rm, hook) for hook in saes})
-    return {str(node): f"{FOLDER}/{feature_filename(str(node))}.html" for node in nodes}
+    return dashboards
+
+
+def page(node: str) -> str:
+    """The dashboard page of ``node``, relative to the run folder."""
+    from pm_lens.dashboard.render import feature_filename
+
+    return f"{FOLDER}/{feature_filename(node)}.html"
 
 
 def _layer(rm: Any, hook: str) -> int:

@@ -159,11 +159,15 @@ def _run_study(config: RunConfig, ranks: Ranks, *, progress: bool, dry_run: bool
     write_atomic(out / "top_contexts.csv", contexts_table(contexts).to_csv(index=False))
     links, before = {}, rm.forward_count.snapshot()
     if config["run.dashboards"] == "confirmed" and confirmed:
-        from pm_lens.study.dashboards import write_run_dashboards
+        from pm_lens.study.dashboards import page, write_run_dashboards
 
         with _timed(timings, "dashboards"):
-            links = write_run_dashboards(out, rm, saes, config, chosen_pairs, selection, confirmed, baselines=baselines,
-                                         progress=progress)
+            boards = write_run_dashboards(out, rm, saes, config, chosen_pairs, selection, confirmed, baselines=baselines,
+                                          progress=progress)
+        links = {board.node: page(board.node) for board in boards}
+        # The automatic label (the n-gram most characteristic of its firings) beside each confirmed feature.
+        features.insert(features.columns.get_loc("node") + 1, "label", features.node.map({b.node: b.label for b in boards}))
+        write_atomic(out / "features.csv", features.to_csv(index=False))
     _write_report(out, config, features, datapoints, card, concerns, contexts, links)
     forward_passes = (sum(counts[1:], counts[0]) + rm.forward_count.since(before)).as_dict()  # every rank's, and the dashboards
     _write_config(out, config, forward_passes, timings, rm, concerns)

@@ -28,6 +28,7 @@ def test_a_run_builds_the_confirmed_features_dashboards_and_links_them(study):  
         page = f"dashboards/{feature_filename(row.node)}.html"
         assert (out / page).exists() and f"href='{page}'" in report
         found = board(out, row.node)
+        assert row.label == found.label and found.label  # the automatic label, in features.csv too
         assert found.exact_margin_effect == pytest.approx(row.exact_margin_effect)
         assert found.estimated_margin_effect == pytest.approx(row.estimated_margin_effect, rel=1e-5, abs=1e-7)
         mine = points[points.node == row.node]
