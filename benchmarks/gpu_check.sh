@@ -5,12 +5,7 @@
 # On a machine without pm_lens's dependencies, carry their wheels in .whl/ (see the note in
 # benchmarks/README.md); .devstub/ holds a stand-in for wandb, which sae_lens imports and never uses here.
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD/.devstub:$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/device_env.sh
 python3 -c "import torch, transformers, pyarrow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__)"
 python3 benchmarks/scale.py load --layers 3 --device cuda --tmp /tmp --no-compare
 python3 benchmarks/scale.py project --device cuda --layers 2 --tokens 512 --tmp /tmp

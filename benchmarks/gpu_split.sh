@@ -4,11 +4,6 @@
 # (layers on the GPU and the CPU: every tensor crossing a layer boundary really moves), and
 # cuda:0+cuda:1 where there are two GPUs. Wheels as in benchmarks/gpu_check.sh.
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD/.devstub:$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/device_env.sh
 python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
-python3 -m pytest -p no:cacheprovider -q -rA tests/model/test_split.py 2>&1 | grep -v "^  warnings.warn\|Warning" | tail -60
+python3 -m pytest -p no:cacheprovider -q -rA --tb=short tests/model/test_split.py 2>&1 | grep -v "warnings.warn\|Warning"

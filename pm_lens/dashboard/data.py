@@ -16,38 +16,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pm_lens.saes.contexts import Context
 from pm_lens.saes.node import Node
 
 
 @dataclass(frozen=True)
-class Example:
-    """A window of one text where the feature fires.
+class Example(Context):
+    """A window of one text where the feature fires: a :class:`pm_lens.saes.contexts.Context`
+    (``pair`` indexes the run's pairs; ``peak`` is the firing the example is centred on, its
+    strongest one, or in an interval group its strongest one inside the band) with, per token,
+    the feature's reward contribution.
 
     Attributes:
-        pair, side: which text (index into the run's pairs; ``"chosen"`` or ``"rejected"``).
-        tokens: the window's tokens, decoded one by one.
-        acts: the feature's activation at each token (0 where it does not fire, at padding and at
-            a skipped first token).
         contributions: per token, the feature's estimated contribution to this text's reward from
             its activation there (attribution patching: ``-grad . d_f * (baseline - act)``);
             positive where it raises the reward, 0 where it does not fire.
-        peak: index in the window of the firing the example is centred on (its strongest one, or
-            in an interval group its strongest one inside the band).
-        completion_start: index in the window of the first completion token (may be < 0 or past
-            the end when the window lies inside the completion or the prompt).
     """
 
-    pair: int
-    side: str
-    tokens: list[str]
-    acts: list[float]
     contributions: list[float]
-    peak: int
-    completion_start: int
-
-    @property
-    def max_act(self) -> float:
-        return self.acts[self.peak]
 
 
 @dataclass(frozen=True)

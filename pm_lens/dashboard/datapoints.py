@@ -95,11 +95,11 @@ def _ablate_rest(rm: RewardModel, saes: dict[str, Any], pairs: Sequence[Any], id
     with rm.counting("dashboard"):
         exact = ablate(rm, [pairs[i] for i in union], saes=list(saes.values()), features=nodes, baselines=baselines,
                        skip_first=skip_first, batch_tokens=batch_tokens, clean=subset, progress=False)
-    found = {}
+    found, row_of = {}, {pair: row for row, pair in enumerate(union)}
     for column, node in enumerate(nodes):
         points, _ = _from_ablation(exact, column, union, ids)
         mine = {ids[i] for i in candidates[node]}
-        margin = [exact.margin[union.index(i), column] for i in candidates[node]]
+        margin = [exact.margin[row_of[i], column] for i in candidates[node]]
         found[node] = ([p for p in points if p.pair in mine],
                        _mean_if_covered(node, candidates[node], margin, reading, baselines, len(pairs)))
     return found

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from pm_lens.data import PreferencePair
 from pm_lens.saes.node import Node, as_nodes
 from pm_lens.study.config import RunConfig, load_config
+from pm_lens.study.merge import dense_effects
 
 FOLDER = "dashboards"
 
@@ -82,14 +83,10 @@ def _estimates(out: Path, saes: dict[str, Any], nodes: list[Node], n_pairs: int)
         shard = load_file(str(path))
         n = shard["chosen_rewards"].shape[0]
         for node in nodes:
-            sides = []
-            for side in ("chosen", "rejected"):
-                indices, values = shard[f"{side}.{node.hook_name}.indices"], shard[f"{side}.{node.hook_name}.values"]
-                column = torch.zeros(n)
-                hit = indices[1] == node.feature
-                column.index_add_(0, indices[0][hit], values[hit].float())
-                sides.append(column)
-            per_node[str(node)].append((sides[0] - sides[1]).numpy())
+            width = saes[node.hook_name].cfg.d_sae
+            chosen, rejected = (dense_effects(shard, f"{side}.{node.hook_name}", (n, width))[:, node.feature]
+                                for side in ("chosen", "rejected"))
+            per_node[str(node)].append((chosen - rejected).numpy())
     found = {key: np.concatenate(parts) for key, parts in per_node.items() if parts}
     bad = [key for key, value in found.items() if len(value) != n_pairs]
     if bad:

@@ -31,8 +31,8 @@ def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> tuple[pd.Data
         n_pairs += n
         total = torch.zeros(n, dtype=torch.float64)
         for hook, acc in sums.items():
-            chosen, rejected = (_dense(shard, f"{side}.{hook}", (n, acc.width)) for side in ("chosen", "rejected"))
-            outlier = [_dense(shard, f"{side}.{hook}.outlier", (n, acc.width)) for side in ("chosen", "rejected")]
+            chosen, rejected = (dense_effects(shard, f"{side}.{hook}", (n, acc.width)) for side in ("chosen", "rejected"))
+            outlier = [dense_effects(shard, f"{side}.{hook}.outlier", (n, acc.width)) for side in ("chosen", "rejected")]
             acc.add(chosen - rejected, outlier[0] - outlier[1])
             total += (chosen - rejected).double().sum(1) + (shard[f"chosen.{hook}.error"] - shard[f"rejected.{hook}.error"]).double()
         totals.append(total)
@@ -48,7 +48,7 @@ def merge_attributions(paths: list[Path], saes: dict[str, Any]) -> tuple[pd.Data
     return ranking.reindex(order).reset_index(drop=True), torch.cat(totals)
 
 
-def _dense(shard: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
+def dense_effects(shard: dict[str, torch.Tensor], name: str, shape: tuple[int, int]) -> torch.Tensor:
     """A shard's sparse effects (indices and values) as a dense ``shape`` tensor."""
     dense = torch.zeros(shape)
     indices = shard[f"{name}.indices"]
