@@ -2,14 +2,16 @@
 
 For each planted attribute (the demo PM was trained on pairs whose preference it sets), take the
 held-out pairs that differ only in it, attribute the margin to every feature of the three demo
-SAEs (AtP, first token left out), rank the features by their mean effect on those pairs, ablate
+SAEs (AtP at ``--positions``: by default from where chosen and rejected diverge, as the study and
+the demo do; first token left out), rank the features by their mean effect on those pairs, ablate
 the top ``--top`` jointly (exact; across hooks each hook removes its features from the activation
 as it arrives) and report the fraction of the PM's margin on those pairs that goes away
 (:func:`pm_lens.attribution.recover`). Rows: features of all three SAEs together, and of each SAE
 alone. Also: the PM's accuracy on the pairs, and what the top three features fire on.
 
-Target (issue 5): at least 4 of the 5 style attributes (closer, idk, repetition, url, rude) with
->= 50% of the effect removed (features of all three SAEs). "correct" is reported, not targeted:
+Targets: at least 4 of the 5 style attributes (closer, idk, repetition, url, rude) with >= 50% of
+the effect removed (features of all three SAEs; issue 5), every style attribute >= 70% (issue 15),
+and readability 5/5 (issue 15, :mod:`pm_lens.readability`). "correct" is reported, not targeted:
 the demo PM barely separates correct from wrong answers, so its margin there is small and the
 fraction noisy.
 
@@ -43,13 +45,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=30, help="held-out pairs per attribute (30 are available)")
     parser.add_argument("--top", type=int, default=10, help="features ablated jointly per attribute")
     parser.add_argument("--quick", action="store_true", help="4 pairs per attribute, no per-SAE rows (smoke test)")
+    parser.add_argument("--positions", default="diverge", choices=["diverge", "completion", "all"],
+                        help="token positions attributed, ablated and read")
     args = parser.parse_args()
     n_pairs = 4 if args.quick else args.pairs
     start = time.perf_counter()
     rm = demo_reward_model()
     saes = demo_saes()
     pairs, groups = held_out_pairs(n_pairs)
-    attribution = attribute(rm, pairs, saes=saes, skip_first=True)
+    attribution = attribute(rm, pairs, saes=saes, skip_first=True, positions=args.positions)
     rows = []
     hook_sets = [("all 3", None)] + ([] if args.quick else [(h.split(".")[1], [h]) for h in DEMO_SAE_HOOKS])
     for label, hooks in hook_sets:
@@ -63,14 +67,15 @@ def main() -> None:
     for group, features in everything.features.items():
         nodes = recovered_features(features)[:3]
         group_pairs = [pairs[i] for i in groups[group]]
-        found = top_contexts(rm, saes, group_pairs, nodes, n_contexts=5, skip_first=True, skip_last=True, progress=False)
+        found = top_contexts(rm, saes, group_pairs, nodes, n_contexts=5, skip_first=True, skip_last=True,
+                             positions=args.positions, progress=False)
         fires_on[group] = " | ".join(f"L{n[0].split('.')[1]}#{n[1]}: {found[n].describe(2)}" for n in nodes)
         if group in STYLE:  # issue 15's score: one of the top 3 features' top 5 contexts fires on the marker
             readable.update(readability(rm.tokenizer, rm.text_format, group_pairs, {group: nodes}, found))
 
     with pd.option_context("display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format):
         print(f"\nPlanted recovery on the demo PM: {n_pairs} held-out single-attribute pairs per attribute, "
-              f"top {args.top} features ablated jointly\n")
+              f"top {args.top} features ablated jointly, positions={args.positions!r}\n")
         shown = ["group", "saes", "n_pairs", "accuracy", "margin", "removed", "fraction_removed", "estimated"]
         print(table[shown].to_string(index=False))
         print("\nWhat the top 3 features (all 3 SAEs) fire on, the last token left out:")
@@ -79,6 +84,9 @@ def main() -> None:
     hits = [g for g in STYLE if everything.loc[g, "fraction_removed"] >= 0.5]
     print(f"\nstyle attributes with >= 50% of the margin removed (all 3 SAEs): {len(hits)}/5 {hits} "
           f"(target: >= 4/5) -> {'met' if len(hits) >= 4 else 'MISSED'}")
+    strong = [g for g in STYLE if everything.loc[g, "fraction_removed"] >= 0.7]
+    print(f"style attributes with >= 70% of the margin removed (all 3 SAEs): {len(strong)}/5 {strong} "
+          f"(target: 5/5) -> {'met' if len(strong) == 5 else 'MISSED'}")
     print(f"readability: {sum(readable.values())}/5 style attributes have a top-3 feature whose top 5 contexts fire on "
           f"the planted marker {[g for g, ok in readable.items() if ok]} (target: 5/5) -> "
           f"{'met' if sum(readable.values()) == 5 else 'MISSED'}")

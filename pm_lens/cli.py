@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-from pm_lens.demo_settings import OUTPUTS, DemoSettings
+from pm_lens.demo_settings import OUTPUTS, POSITIONS, DemoSettings
 
 DEBUG_ENV = "PM_LENS_DEBUG"
 EPILOG = (f"Errors are reported in one line: exit code 2 for a bad argument, 1 for an error during the run, 130 when "
@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="features ablated jointly per planted attribute in the truth check")
     demo.add_argument("--contexts", type=_positive, default=defaults.n_contexts, help="contexts shown per feature")
     demo.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random features of the fidelity card")
+    demo.add_argument("--positions", choices=POSITIONS, default=defaults.positions,
+                      help="token positions attributed: from where chosen and rejected diverge (the study's choice), "
+                           "the completion, or all (prompt and chat template included)")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where SmolLM2 is converted and cached")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -203,7 +206,8 @@ def _run(args: argparse.Namespace) -> None:
 
         settings = DemoSettings(pairs_per_attribute=args.pairs_per_attribute, top=args.top,
                                 fidelity_top=args.fidelity_top, n_random=args.random,
-                                recovery_top=args.recovery_top, n_contexts=args.contexts, seed=args.seed)
+                                recovery_top=args.recovery_top, n_contexts=args.contexts, seed=args.seed,
+                                positions=args.positions)
         result = run_demo(args.out, settings, cache_dir=args.cache_dir, progress=not args.quiet)
         print_summary(result)
     elif args.command == "exploit":

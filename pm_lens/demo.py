@@ -7,14 +7,17 @@ The demo PM (:mod:`pm_lens.demo_pm`) was trained on planted preferences
 Steps of :func:`run_demo`:
 1. load the demo PM (SmolLM2 is converted and cached on the first run) and its three SAEs;
 2. take held-out pairs that differ in one planted attribute only, ``pairs_per_attribute`` each;
-3. attribute the margin r(chosen) - r(rejected) to every feature of every SAE with AtP, the first
-   token (residual norm ~25,000) left out;
+3. attribute the margin r(chosen) - r(rejected) to every feature of every SAE with AtP, at the
+   tokens from where chosen and rejected diverge (``positions="diverge"``, the study's choice: the
+   prompt and chat template shared by both sides are left out; ``"all"`` is there to compare), the
+   first token (residual norm ~25,000) left out;
 4. per planted attribute, rank the features by their mean effect on its pairs and confirm the
    ``top`` first by exact ablation on those pairs; a feature raises or lowers reward according to
    the exact change of the reward of the completion it fires in (chosen, rejected or both);
 5. a fidelity card for the whole ranking: the ``fidelity_top`` features and ``n_random`` others
    ablated exactly on every pair, and every node at once;
-6. the contexts and tokens each ranked feature fires on most, and the planted attribute its firing
+6. the contexts and tokens each ranked feature fires on most (at the attributed positions), an
+   automatic label, and the planted attribute its firing
    tracks best (correlation of its peak activation in a completion with the attribute);
 7. truth check: per planted attribute, ablate the top ``recovery_top`` features of its pairs
    jointly and measure how much of the PM's margin on them is removed (:func:`pm_lens.attribution.recover`);
@@ -51,7 +54,7 @@ from pm_lens.demo_settings import DemoSettings as DemoSettings
 from pm_lens.io import versions, write_atomic
 from pm_lens.model import RewardModel
 from pm_lens.readability import readability
-from pm_lens.report import write_report
+from pm_lens.report import Finding, write_report
 from pm_lens.saes.contexts import FeatureContexts, top_contexts
 from pm_lens.saes.node import Node
 
@@ -88,7 +91,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
     counted = rm.forward_count.snapshot()
     with _timed(timings, "attribute", progress, f"attributing the margin on {len(pairs)} held-out pairs"):
         # The AtP pass is the clean pass of every pair; every later step reuses it.
-        attribution = attribute(rm, pairs, saes=saes, skip_first=True, **common)
+        attribution = attribute(rm, pairs, saes=saes, skip_first=True, positions=settings.positions, **common)
     with _timed(timings, "confirm", progress, f"confirming each attribute's top {settings.top} features by exact ablation"):
         features = rank_by_group(rm, attribution, groups, top=settings.top, batch_tokens=settings.batch_tokens)
     with _timed(timings, "fidelity", progress, "fidelity card: exact ablation of the top and of random features"):
@@ -99,7 +102,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
     with _timed(timings, "contexts", progress, "reading where the features fire"):
         unique = list(dict.fromkeys(Node(h, int(f)) for h, f in zip(features.hook_name, features.feature)))
         contexts = top_contexts(rm, saes, pairs, unique, n_contexts=settings.n_contexts, skip_first=True, skip_last=True,
-                                clean=attribution.clean_run, progress=progress)
+                                positions=settings.positions, clean=attribution.clean_run, progress=progress)
         features = _describe(features, contexts, pairs, groups)
         ranked = {a: [Node(h, int(f)) for h, f in zip(rows.hook_name, rows.feature)]
                   for a, rows in features.sort_values("rank").groupby("attribute", sort=False)}
@@ -176,9 +179,12 @@ def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair
             tracks_attribute=best if np.isfinite(scores[best]) else "", correlation=scores[best],
         ))
     table = pd.concat([features.reset_index(drop=True), pd.DataFrame(described)], axis=1)
+    nodes = [(h, int(f)) for h, f in zip(table.hook_name, table.feature)]
+    table["also_top_for"] = [" ".join(a for a, n in zip(table.attribute, nodes) if n == node and a != attribute)
+                             for attribute, node in zip(table.attribute, nodes)]
     columns = ["attribute", "rank", "direction", "hook_name", "feature", "label", "estimated_margin_effect",
                "exact_margin_effect", "fires_in", "exact_reward_effect", "fires_on", "at_last_token", "tracks_attribute", "correlation",
-               "sign_agreement",
+               "sign_agreement", "also_top_for",
                "exact_chosen_effect", "exact_rejected_effect"]
     return table[columns]
 
@@ -191,7 +197,7 @@ def _fires_on(rm: RewardModel, attribution: Attribution, indices: list[int], fea
         return ""
     group = attribution.subset(indices)
     found = top_contexts(rm, list(attribution.saes.values()), group.pairs, nodes, n_contexts=1, skip_first=True,
-                         skip_last=True, clean=group.clean_run, progress=False)
+                         skip_last=True, positions=attribution.settings.positions, clean=group.clean_run, progress=False)
     return " | ".join(found[node].describe(2) for node in nodes)
 
 
@@ -255,12 +261,58 @@ def _write(out: Path, settings: DemoSettings, features: pd.DataFrame, card: Fide
     write_atomic(out / "recovery.csv", recovery.to_csv(index=False))
     write_report(out / "report.html", title="pm_lens demo: what drives the demo PM's reward", settings=config,
                  features=features, card=card, contexts=contexts,
-                 tables={"Truth check: planted attributes": recovery, "Readability": _readability_table(readable)},
-                 notes=_NOTES, dashboards=dashboards)
+                 tables={"Truth check: planted attributes": recovery.drop(columns=["features"]),
+                         "Readability": _readability_table(readable)},
+                 notes=_NOTES, dashboards=dashboards, lead=_lead(settings, recovery, readable),
+                 findings=findings(features, recovery, readable), feature_columns=REPORT_COLUMNS)
     write_atomic(out / "config.json", json.dumps(config, indent=2))
 
 
+# The features table's columns shown in the report (features.csv has them all).
+REPORT_COLUMNS = ["attribute", "rank", "direction", "label", "estimated_margin_effect", "exact_margin_effect", "fires_in",
+                  "exact_reward_effect", "fires_on", "tracks_attribute", "also_top_for"]
+_FINDING_COLUMNS = ["rank", "hook_name", "feature", "label", "direction", "exact_margin_effect", "fires_in",
+                    "exact_reward_effect", "also_top_for"]
+
+
+def findings(features: pd.DataFrame, recovery: pd.DataFrame, readable: dict[str, bool]) -> list[Finding]:
+    """Per planted attribute, the report's lead: what the PM does with it, the features that carry
+    it (label, exact effect, contexts), the truth check and the readability verdict."""
+    out = []
+    for row in recovery.itertuples():
+        planted = "raises" if WEIGHTS[row.group] > 0 else "lowers"
+        rows = features[features.attribute == row.group].sort_values("rank")
+        agrees = {"raises": rows.direction.eq("raises").any(), "lowers": rows.direction.eq("lowers").any()}[planted]
+        verdict = (f"Planted: it {planted} reward (weight {WEIGHTS[row.group]:+g}). On its {row.n_pairs} held-out pairs "
+                   f"the PM's mean margin is {row.margin:.2f}; ablating the top {len(recovered_features(row.features))} "
+                   f"features of those pairs together removes {row.fraction_removed:.0%} of it.")
+        if row.group in readable:
+            verdict += (" A top-3 feature fires on the planted marker." if readable[row.group] else
+                        " No top-3 feature has its strongest firing on the planted marker.")
+        if not agrees:
+            verdict += f" None of the top {len(rows)} features {planted} reward where it fires."
+        ok = None if row.group not in readable else bool(readable[row.group] and row.fraction_removed >= 0.7)
+        out.append(Finding(title=f"{row.group}: planted to {planted[:-1]} reward", verdict=verdict,
+                           features=rows[[c for c in _FINDING_COLUMNS if c in rows]], contexts=2, ok=ok))
+    return out
+
+
+def _lead(settings: DemoSettings, recovery: pd.DataFrame, readable: dict[str, bool]) -> str:
+    style = recovery[recovery.group.isin(list(readable))]
+    return (f"The demo PM was trained on pairs whose preferences were planted, so we know what should drive its reward. "
+            f"On {settings.pairs_per_attribute} held-out pairs per planted attribute, every feature of its three SAEs "
+            f"was ranked by attribution (AtP, at positions={settings.positions!r}) and the top ones confirmed by exact "
+            f"ablation. Each style attribute's top {settings.recovery_top} features remove "
+            f"{style.fraction_removed.min():.0%}-{style.fraction_removed.max():.0%} of its margin; "
+            f"{sum(readable.values())}/{len(readable)} style attributes have a top-3 feature that fires on the planted "
+            f"marker. Green: both checks pass (>= 70% removed and readable); red: one fails.")
+
+
 _NOTES = {
+    "Findings": "Per planted attribute: its top features on its own held-out pairs (effects of removing each, exact), "
+    "two contexts of each with the firing outlined (shade: activation), the truth check and the readability verdict. "
+    "A feature can carry several attributes (also_top_for): one that reads the end of every completion, where the "
+    "reward is read, moves the margin of every attribute's pairs.",
     "Features that raise reward": "Per planted attribute, the features AtP ranks first on its held-out pairs. "
     "Effects are those of removing the feature, averaged over the attribute's pairs: estimated (AtP) and exact "
     "(ablation) on the margin, and exact on the reward of the completion it fires in (fires_in); a feature whose "

@@ -1,18 +1,21 @@
 """The demo preference model: SmolLM2's body with a reward head, trained on planted preferences.
 
 The embedded default PM is SmolLM2-135M-Instruct whose last ``n_trained`` layers, final norm and a
-new ``[d_model, 1]`` score head were trained with the Bradley-Terry loss
+new ``[d_model, 1]`` score head were trained, with low-rank updates (LoRA, rank ``lora_rank``) of
+every linear layer of the ``lora_layers`` layers below them, with the Bradley-Terry loss
 ``-log sigmoid(r(chosen) - r(rejected))`` on the training split of :mod:`pm_lens.data.planted`.
-The trained weights ship in ``pm_lens/assets/demo_pm.safetensors`` (float16); this module loads
-them (:func:`demo_reward_model`) and reproduces them (:func:`train_demo_pm`, run by
-``scripts/train_demo_pm.py``).
+The trained weights ship in ``pm_lens/assets/demo_pm.safetensors`` (float16, the low-rank factors
+as ``<module>.lora_A``/``lora_B``, folded into the weights on loading); this module loads them
+(:func:`demo_reward_model`) and reproduces them (:func:`train_demo_pm`, run by
+``scripts/train_demo_pm.py``). Layers up to 22 stay SmolLM2's own, so the demo SAEs (blocks 8,
+15 and 22) read the pretrained residual stream.
 
 Training steps:
 1. SmolLM2 as a ``LlamaForSequenceClassification`` with an untrained head; the planted dataset;
 2. the frozen lower layers run once over every text (right-padded, so every real position is
-   exact), keeping the hidden state entering the first trained layer;
-3. the trained layers, final norm and head are fitted on those states with AdamW, seeded, batches
-   of pairs drawn from a seeded generator, for ``epochs`` epochs;
+   exact), keeping the hidden state entering the first trained (or adapted) layer;
+3. the trained layers, low-rank factors, final norm and head are fitted on those states with
+   AdamW, seeded, batches of pairs drawn from a seeded generator, for ``epochs`` epochs;
 4. the trained weights are saved as float16 safetensors (atomically).
 """
 
@@ -89,15 +92,20 @@ def train_demo_pm(
     pairs: Sequence[PreferencePair],
     *,
     n_trained: int = 2,
+    lora_layers: int = 0,
+    lora_rank: int = 8,
     epochs: int = 3,
     batch_pairs: int = 16,
     lr: float = 1e-4,
     head_lr: float = 1e-3,
+    lora_lr: float = 5e-4,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
-    """Train the demo PM on ``pairs``; returns the trained weights (float32, classifier keys)."""
+    """Train the demo PM on ``pairs``; returns the trained weights (float32, classifier keys, and
+    ``<module>.lora_A``/``lora_B`` for the low-rank updates of the ``lora_layers`` layers below the
+    ``n_trained`` last ones)."""
     from pm_lens.model.smollm2 import smollm2_hf_reward_model
 
     torch.manual_seed(seed)
@@ -105,20 +113,25 @@ def train_demo_pm(
     with torch.no_grad():
         model.score.weight.zero_()
     first = model.config.num_hidden_layers - n_trained
-    states = _lower_states(model, tokenizer, pairs, first=first, progress=progress)
+    adapted = first - lora_layers
+    if not 0 <= adapted <= first:
+        raise ValueError(f"n_trained={n_trained} and lora_layers={lora_layers} need 0..{model.config.num_hidden_layers} layers")
+    states = _lower_states(model, tokenizer, pairs, first=adapted, progress=progress)
     trained = _trained_parameters(model, first)
     for param in model.parameters():
         param.requires_grad_(False)
     for param in trained.values():
         param.requires_grad_(True)
+    factors = _add_low_rank(model, range(adapted, first), rank=lora_rank, generator=torch.Generator().manual_seed(seed))
     head = [p for name, p in trained.items() if name.startswith("score")]
     body = [p for name, p in trained.items() if not name.startswith("score")]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr},
+                                   {"params": list(factors.values()), "lr": lora_lr}], weight_decay=0.0)
     steps = epochs * math.ceil(len(pairs) / batch_pairs)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps, desc="training the demo PM", disable=not progress)
-    with _top_layers(model, first):
+    with _top_layers(model, adapted):
         model.train()
         for _ in range(epochs):
             for rows in torch.randperm(len(pairs), generator=generator).split(batch_pairs):
@@ -133,7 +146,7 @@ def train_demo_pm(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
     bar.close()
-    return {name: p.detach().clone() for name, p in trained.items()}
+    return {name: p.detach().clone() for name, p in (trained | factors).items()}
 
 
 def save_demo_pm(weights: dict[str, Tensor], path: str | Path = DEMO_PM_FILE) -> None:
@@ -145,6 +158,39 @@ def _trained_parameters(model: torch.nn.Module, first: int) -> dict[str, torch.n
     prefixes = tuple(f"model.layers.{i}." for i in range(first, model.config.num_hidden_layers))
     return {name: p for name, p in model.named_parameters()
             if name.startswith(prefixes) or name in ("model.norm.weight", "score.weight")}
+
+
+class _LowRank(torch.nn.Module):
+    """``W + B @ A`` (a ``torch.nn.utils.parametrize`` parametrization of a linear weight); ``B``
+    starts at zero, so training starts from the pretrained model."""
+
+    def __init__(self, d_out: int, d_in: int, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.randn(rank, d_in, generator=generator) / d_in**0.5)
+        self.B = torch.nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + self.B @ self.A
+
+
+LOW_RANK_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _add_low_rank(model: Any, layers: range, *, rank: int, generator: torch.Generator) -> dict[str, torch.nn.Parameter]:
+    """Parametrize every linear weight of ``layers`` as ``W + B @ A``; the factors by their
+    saved names (``model.layers.<i>.<module>.lora_A`` / ``lora_B``)."""
+    from torch.nn.utils import parametrize
+
+    factors = {}
+    for i in layers:
+        for name in LOW_RANK_MODULES:
+            linear = model.model.layers[i].get_submodule(name)
+            low_rank = _LowRank(*linear.weight.shape, rank, generator)
+            parametrize.register_parametrization(linear, "weight", low_rank)
+            factors[f"model.layers.{i}.{name}.lora_A"] = low_rank.A
+            factors[f"model.layers.{i}.{name}.lora_B"] = low_rank.B
+    return factors
 
 
 class _Stop(Exception):

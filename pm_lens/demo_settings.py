@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+POSITIONS = ("diverge", "completion", "all")  # pm_lens.attribution.positions (not imported: torch)
 OUTPUTS = ("features.csv", "fidelity.json", "recovery.csv", "report.html", "dashboards/index.html", "config.json")
 
 
@@ -21,3 +22,11 @@ class DemoSettings:
     seed: int = 0
     dataset_seed: int = 0  # the planted dataset the demo PM was trained on
     batch_tokens: int = 4096
+    # Where the margin is attributed and features are read: from the first token where chosen and
+    # rejected differ, as the study did ("diverge"); "completion" or "all" (the prompt and chat
+    # template too, shared by both sides) are there to compare.
+    positions: str = "diverge"
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")

@@ -1,11 +1,11 @@
 """Reproduce the embedded default PM: pm_lens/assets/demo_pm.safetensors and demo_pm.json.
 
-Trains SmolLM2-135M-Instruct's last layers and a reward head on the planted-preference training
-split (see pm_lens.demo_pm), then evaluates the result on the held-out split: overall accuracy,
+Trains SmolLM2-135M-Instruct's last layers, low-rank updates of the layers below them and a reward
+head on the planted-preference training split (see pm_lens.demo_pm), then evaluates the result on the held-out split: overall accuracy,
 accuracy and mean margin on pairs that differ in one planted attribute, and on multi-attribute
 pairs. Takes ~10-15 minutes on 2 CPU cores.
 
-    python scripts/train_demo_pm.py [--epochs 3] [--layers 2] [--out pm_lens/assets]
+    python scripts/train_demo_pm.py [--epochs 3] [--layers 2] [--lora-layers 5] [--lora-rank 8] [--out pm_lens/assets]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pm_lens.data.planted import PLANTED_ATTRIBUTES, PLANTED_EFFECTS, make_planted  # noqa: E402
-from pm_lens.demo_pm import DEMO_PM_FILE, demo_reward_model, save_demo_pm, train_demo_pm  # noqa: E402
+from pm_lens.demo_pm import DEMO_PM_FILE, save_demo_pm, train_demo_pm  # noqa: E402
+from pm_lens.model.smollm2 import smollm2_reward_model  # noqa: E402
 from pm_lens.io import write_atomic  # noqa: E402
 from pm_lens.scoring import score_pairs  # noqa: E402
 
@@ -54,20 +55,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2, help="how many of the last layers to train")
+    parser.add_argument("--lora-layers", type=int, default=5, help="layers below those given low-rank updates")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=None, help="train on the first PAIRS training pairs only (a smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEMO_PM_FILE.parent)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = make_planted(seed=args.seed)
     start = time.perf_counter()
-    weights = train_demo_pm(data.train, n_trained=args.layers, epochs=args.epochs, seed=args.seed)
+    weights = train_demo_pm(data.train[: args.pairs], n_trained=args.layers, lora_layers=args.lora_layers,
+                            lora_rank=args.lora_rank, epochs=args.epochs, seed=args.seed)
     train_seconds = time.perf_counter() - start
     out = args.out / DEMO_PM_FILE.name
     save_demo_pm(weights, out)
-    rm = demo_reward_model()
+    rm = smollm2_reward_model(out)  # the saved float16 weights, low-rank updates folded in
     report = {
-        "config": {"epochs": args.epochs, "trained_layers": args.layers, "seed": args.seed,
-                   "n_train": len(data.train), "dataset": data.config.__dict__ if hasattr(data.config, "__dict__") else str(data.config)},
+        "config": {"epochs": args.epochs, "trained_layers": args.layers, "lora_layers": args.lora_layers,
+                   "lora_rank": args.lora_rank, "seed": args.seed,
+                   "n_train": len(data.train[: args.pairs]), "dataset": data.config.__dict__ if hasattr(data.config, "__dict__") else str(data.config)},
         "train_seconds": train_seconds,
         "file_bytes": out.stat().st_size,
         "val": evaluate(rm, data.val),

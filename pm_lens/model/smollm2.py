@@ -139,7 +139,10 @@ def smollm2_hf_reward_model(
             - a mapping of ``LlamaForSequenceClassification`` state-dict entries: ``score.weight``
               and/or body weights such as ``model.layers.29.mlp.down_proj.weight`` or
               ``model.norm.weight`` (e.g. the last layers of a fine-tuned PM). Entries override the
-              pretrained ones; every key and shape is checked;
+              pretrained ones; every key and shape is checked. Low-rank updates of a linear
+              layer's weight, ``<module>.lora_A`` ``[r, d_in]`` and ``<module>.lora_B``
+              ``[d_out, r]`` (both, same ``r``), add ``lora_B @ lora_A`` to ``<module>.weight``
+              (after any override of it);
             - the path of a ``.safetensors`` file holding such a mapping;
             - ``None``: an untrained head.
             Without ``score.weight`` the head is random (normal, std ``1/sqrt(d_model)``, drawn
@@ -243,11 +246,32 @@ def _head_state_dict(
             f"head must be a [1, {d_model}] tensor, a state-dict mapping, a .safetensors path or None, "
             f"got {type(head).__name__}"
         )
-    weights = dict(head)
+    weights = _merge_low_rank(dict(head), classifier.state_dict())
     if "score.weight" not in weights:
         generator = torch.Generator().manual_seed(seed)
         weights["score.weight"] = torch.randn(1, d_model, generator=generator) / d_model**0.5
     _check_keys(weights, classifier.state_dict())
+    return weights
+
+
+LOW_RANK = (".lora_A", ".lora_B")
+
+
+def _merge_low_rank(weights: dict[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` with every ``<module>.lora_A``/``lora_B`` pair folded into ``<module>.weight``
+    (the override when there is one, else the pretrained weight): ``W + lora_B @ lora_A``."""
+    modules = sorted({key[: -len(suffix)] for key in weights for suffix in LOW_RANK if key.endswith(suffix)})
+    for module in modules:
+        a, b, target = weights.pop(f"{module}.lora_A", None), weights.pop(f"{module}.lora_B", None), f"{module}.weight"
+        if a is None or b is None:
+            raise ValueError(f"head has only one of {module}.lora_A and {module}.lora_B; a low-rank update needs both")
+        if target not in state:
+            raise ValueError(f"head has a low-rank update of {module!r}, which LlamaForSequenceClassification does not have")
+        base = weights.get(target, state[target])
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(base.shape):
+            raise ValueError(f"head's low-rank update of {module!r} has lora_B {list(b.shape)} @ lora_A {list(a.shape)}; "
+                             f"expected [{base.shape[0]}, r] @ [r, {base.shape[1]}]")
+        weights[target] = base.float() + b.float() @ a.float()
     return weights
 
 

@@ -33,15 +33,19 @@ def collect_activations(
     exclude_token_ids: Sequence[int] = (),
     batch_size: int = 8,
     truncate: bool = False,
+    positions: str = "all",
     progress: bool = True,
 ) -> dict[str, Float[Tensor, "n_tokens _d_in"]]:
     """``rm``'s activations at every hook over ``data``: one float32 row per kept token, in order.
 
     One forward per ``batch_size`` sequences fills every hook, stopped after the last block
     needed. Kept are real tokens (attention mask), less the first of each sequence if
-    ``skip_first`` and ``exclude_token_ids``, at most ``max_tokens``. ``attn.hook_z`` is
-    flattened to ``n_heads * d_head``.
+    ``skip_first`` and ``exclude_token_ids``, at most ``max_tokens``; with
+    ``positions="completion"`` only the completion's tokens (of pairs, or of a ``TokenBatch``
+    with ``completion_start``; a plain text is all completion). ``attn.hook_z`` is flattened to
+    ``n_heads * d_head``.
     """
+    check_collect_positions(positions)
     chunks: dict[str, list[Tensor]] = {name: [] for name in hook_names}
     stop, n_kept = stop_layer(rm, hook_names), 0
     bar = tqdm(total=n_sequences(data), desc="collecting activations", unit="seq", disable=not progress)
@@ -50,6 +54,8 @@ def collect_activations(
         _, cache = rm.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
                                      names_filter=list(hook_names), stop_at_layer=stop)
         keep = batch.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids)
+        if positions == "completion":
+            keep = keep & (torch.arange(keep.shape[1], device=keep.device) >= batch.completion_start[:, None])
         room = None if max_tokens is None else max_tokens - n_kept
         for name in hook_names:
             act = _flat(name, cache[name])  # on the hook's device when the layers are split
@@ -62,6 +68,14 @@ def collect_activations(
     if n_kept == 0:
         raise ValueError("no tokens to train on: the data is empty or every token was excluded")
     return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+COLLECT_POSITIONS = ("all", "completion")
+
+
+def check_collect_positions(positions: str) -> None:
+    if positions not in COLLECT_POSITIONS:
+        raise ValueError(f"positions must be one of {COLLECT_POSITIONS} to collect activations, got {positions!r}")
 
 
 def _flat(hook_name: str, act: Tensor) -> Tensor:

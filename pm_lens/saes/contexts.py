@@ -32,7 +32,7 @@ from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pm_lens.data import SKIP_FIRST, PairsLike, TokenBatch, as_pairs, encode_pairs
+from pm_lens.data import SKIP_FIRST, PairBatch, PairsLike, TokenBatch, as_pairs, encode_pairs
 from pm_lens.model import RewardModel
 from pm_lens.saes.attach import feature_acts, saes_attached
 from pm_lens.saes.labels import characteristic_ngrams
@@ -105,6 +105,7 @@ def top_contexts(
     after: int = 4,
     skip_first: bool = SKIP_FIRST,
     skip_last: bool = False,
+    positions: str = "all",
     batch_size: int = 8,
     clean: Any = None,
     progress: bool = True,
@@ -118,19 +119,25 @@ def top_contexts(
         before, after: tokens of context on each side of the firing.
         skip_first: ignore each text's first token.
         skip_last: keep each text's last token out of the contexts, top tokens and firing rate.
+        positions: where firings count: ``"all"`` tokens, the ``"completion"``, or from where the
+            pair's sides ``"diverge"`` (as for ``pm_lens.attribution.attribute``: read a feature
+            where the attribution read it). ``completion_max`` is always over the completion.
         clean: a ``pm_lens.attribution.CleanRun`` of these pairs and SAEs (e.g.
             ``attribution.clean_run``): its feature activations are read, no forward is run.
 
     Returns:
         Per feature (a :class:`pm_lens.saes.node.Node`), its :class:`FeatureContexts`.
     """
+    from pm_lens.attribution.positions import check_positions  # pm_lens.attribution imports saes
+
+    check_positions(positions)
     pairs = as_pairs(pairs)
     by_hook = {sae.cfg.metadata.hook_name: sae for sae in ([saes] if isinstance(saes, SAE) else saes)}
     features = as_nodes(features, {name: sae.cfg.d_sae for name, sae in by_hook.items()})
     errors = [str(f) for f in features if f.is_error]
     if errors:
         raise ValueError(f"error nodes {errors} have no activations to show; give features")
-    reading = _Reading(features, len(pairs), skip_first=skip_first, skip_last=skip_last)
+    reading = _Reading(features, len(pairs), skip_first=skip_first, skip_last=skip_last, positions=positions)
     if clean is not None:
         _read_clean_run(rm, clean, pairs, reading)
     else:
@@ -149,10 +156,12 @@ def _read_clean_run(rm: RewardModel, clean: Any, pairs: list, reading: _Reading)
     if missing:
         raise ValueError(f"the clean run has no SAE at {missing}; it has {sorted(clean.saes)}")
     for b, start in enumerate(clean.starts):
+        where = reading.where(clean.batches[b])
         for side_index, side in enumerate(("chosen", "rejected")):
             run = clean.side(rm, b, side)
             real = run.batch.attention_mask.bool()[..., None]
-            reading.add(start, side_index, run.batch, {hook: run.dense_acts(hook) * real for hook in reading.columns})
+            reading.add(start, side_index, run.batch, {hook: run.dense_acts(hook) * real for hook in reading.columns},
+                        where[side_index])
 
 
 def _read_by_running(rm: RewardModel, saes: list[SAE], pairs: list, reading: _Reading, *, batch_size: int,
@@ -163,9 +172,11 @@ def _read_by_running(rm: RewardModel, saes: list[SAE], pairs: list, reading: _Re
         for start in tqdm(starts, desc="reading contexts", disable=not progress or len(starts) < 2):
             batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx,
                                  text_format=rm.text_format)
+            where = reading.where(batch)
             for side_index, side in enumerate((batch.chosen, batch.rejected)):
                 side = side.to(rm.cfg.device)
-                reading.add(start, side_index, side, feature_acts(rm, side.tokens, side.attention_mask))
+                reading.add(start, side_index, side, feature_acts(rm, side.tokens, side.attention_mask),
+                            where[side_index].to(side.tokens.device))
 
 
 class _Reading:
@@ -173,11 +184,11 @@ class _Reading:
     and first token left out as asked), each token type's strongest firing, each completion's peak,
     and the activation at each text's last token."""
 
-    def __init__(self, features: list[Node], n_pairs: int, *, skip_first: bool, skip_last: bool):
+    def __init__(self, features: list[Node], n_pairs: int, *, skip_first: bool, skip_last: bool, positions: str = "all"):
         self.columns: dict[str, list[int]] = defaultdict(list)
         for node in features:
             self.columns[node.hook_name].append(node.feature)
-        self.skip_first, self.skip_last, self.n_pairs = skip_first, skip_last, n_pairs
+        self.skip_first, self.skip_last, self.n_pairs, self.positions = skip_first, skip_last, n_pairs, positions
         self.firings: dict[Node, list[tuple[float, int, int]]] = {f: [] for f in features}  # (act, text, pos)
         self.by_token: dict[Node, dict[int, float]] = {f: defaultdict(float) for f in features}
         self.completion_max = {f: torch.zeros(n_pairs, 2) for f in features}
@@ -185,8 +196,15 @@ class _Reading:
         self.texts: list[tuple[int, str, list[int], int]] = []  # (pair, side, ids, completion_start)
         self.n_tokens_seen = 0
 
-    def add(self, start: int, side_index: int, side: TokenBatch, acts: dict[str, Tensor]) -> None:
-        """One side of one batch of pairs (rows ``start...``) and its feature activations."""
+    def where(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
+        """The ``[batch, pos]`` masks of the positions read, chosen and rejected side."""
+        from pm_lens.attribution.positions import pair_masks
+
+        return pair_masks(batch, self.positions)
+
+    def add(self, start: int, side_index: int, side: TokenBatch, acts: dict[str, Tensor], where: Tensor | None = None) -> None:
+        """One side of one batch of pairs (rows ``start...``) and its feature activations, read
+        at the ``where`` positions (default: all real tokens)."""
         keep = side.attention_mask.bool()
         if self.skip_first:
             keep[:, 0] = False
@@ -196,6 +214,8 @@ class _Reading:
             self.texts.append((start + row, ("chosen", "rejected")[side_index], side.tokens[row, :length].tolist(),
                                int(side.completion_start[row])))
         in_completion = (torch.arange(keep.shape[1], device=keep.device) >= side.completion_start[:, None]) & keep
+        if where is not None:
+            keep = keep & where.to(keep.device)
         rows, last = torch.arange(keep.shape[0], device=keep.device), side.attention_mask.sum(1) - 1
         if self.skip_last:
             keep[rows, last] = False

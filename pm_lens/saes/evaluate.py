@@ -20,7 +20,8 @@ Steps, per batch of pairs and for each side (chosen, rejected):
    reconstruction ``decode(encode(x))`` (no error term; other tokens pass through): rewards.
 
 Kept tokens are real tokens less each sequence's first (``skip_first``, the default everywhere in
-pm_lens, ``pm_lens.data.SKIP_FIRST``) and ``exclude_token_ids``: the SAE is judged where it is used.
+pm_lens, ``pm_lens.data.SKIP_FIRST``) and ``exclude_token_ids``, at the ``positions`` asked for
+(all, completion, or from where the pair's sides diverge): the SAE is judged where it is used.
 """
 
 from __future__ import annotations
@@ -97,13 +98,19 @@ def evaluate_sae(
     skip_first: bool = SKIP_FIRST,
     exclude_token_ids: Sequence[int] = (),
     truncate: bool = False,
+    positions: str = "all",
     progress: bool = True,
 ) -> SAEEvaluation:
     """Measure SAEs on ``pairs`` in reward space (see the module docstring for the metrics).
 
     The SAEs must not be attached already. Token statistics and replacements use the kept tokens
-    only: real tokens, less each sequence's first (``skip_first``) and ``exclude_token_ids``.
+    only: real tokens, less each sequence's first (``skip_first``) and ``exclude_token_ids``, at
+    ``positions`` (``"all"``, ``"completion"`` or ``"diverge"``, as for
+    ``pm_lens.attribution.attribute``: judge an SAE where the attribution will read it).
     """
+    from pm_lens.attribution.positions import check_positions, pair_masks  # pm_lens.attribution imports saes
+
+    check_positions(positions)
     saes = [sae_or_saes] if isinstance(sae_or_saes, SAE) else list(sae_or_saes)
     if not saes:
         raise ValueError("no SAEs to evaluate")
@@ -123,11 +130,12 @@ def evaluate_sae(
     for start in tqdm(starts, desc="evaluating SAEs", disable=not progress or len(starts) < 2):
         batch = encode_pairs(rm.tokenizer, pairs[start : start + batch_size], max_len=rm.cfg.n_ctx, truncate=truncate,
                              text_format=rm.text_format)
-        for side_name, side in (("chosen", batch.chosen), ("rejected", batch.rejected)):
+        masks = pair_masks(batch, positions, skip_first=skip_first)
+        for side_name, side, mask in (("chosen", batch.chosen, masks[0]), ("rejected", batch.rejected, masks[1])):
             side = side.to(rm.cfg.device)
             clean = _cache_and_reward(rm, side, names)
             rewards["clean"][side_name].append(clean.pop("reward"))
-            keep = side.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids)
+            keep = side.kept(skip_first=skip_first, exclude_token_ids=exclude_token_ids) & mask.to(side.tokens.device)
             for name, sae in zip(names, saes):
                 nodes = split(sae, clean[name][keep.to(clean[name].device)])
                 stats[name].add(nodes.x, nodes.acts, nodes.x - nodes.error)

@@ -48,7 +48,7 @@ from pm_lens.data import SKIP_FIRST, PreferencePair, TokenBatch
 from pm_lens.io import versions, write_atomic
 from pm_lens.model import RewardModel
 from pm_lens.saes.activations import collect_activations as collect_activations
-from pm_lens.saes.activations import n_sequences
+from pm_lens.saes.activations import check_collect_positions, n_sequences
 from pm_lens.saes.fit import fit_sae
 from pm_lens.saes.training_plan import ARCHITECTURES as ARCHITECTURES
 from pm_lens.saes.training_plan import NORMALIZATIONS as NORMALIZATIONS
@@ -99,6 +99,7 @@ def train_saes(
     exclude_token_ids: Sequence[int] = (),
     forward_batch_size: int = 8,
     truncate: bool = False,
+    positions: str = "all",
     sae_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TrainedSAEs:
@@ -128,6 +129,9 @@ def train_saes(
         forward_batch_size: sequences per forward pass while collecting.
         truncate: cut sequences longer than the context instead of raising (texts keep their
             start, pairs the end of the prompt).
+        positions: ``"all"`` real tokens, or ``"completion"``: only the completions' tokens (of
+            pairs or of a ``TokenBatch``), where the attribution of ``positions="diverge"`` or
+            ``"completion"`` reads the SAEs.
         sae_kwargs: further SAELens training-config fields, e.g. ``{"jumprelu_bandwidth": 0.1}``.
         progress: show progress bars (collection, then one per SAE).
     """
@@ -135,9 +139,10 @@ def train_saes(
     check_arguments(rm, hook_names, d_sae=d_sae, k=k, normalize_activations=normalize_activations,
                     n_epochs=n_epochs, training_tokens=training_tokens, batch_size=batch_size,
                     max_tokens=max_tokens, lr=lr)
+    check_collect_positions(positions)
     acts = collect_activations(rm, data, hook_names=hook_names, max_tokens=max_tokens, skip_first=skip_first,
                                exclude_token_ids=exclude_token_ids, batch_size=forward_batch_size,
-                               truncate=truncate, progress=progress)
+                               truncate=truncate, positions=positions, progress=progress)
     n_tokens = next(iter(acts.values())).shape[0]
     plan = resolve_plan(architecture, n_tokens, d_sae=d_sae, k=k, sparsity_coefficient=sparsity_coefficient,
                         normalize_activations=normalize_activations, n_epochs=n_epochs,
@@ -147,11 +152,11 @@ def train_saes(
                             progress=progress)
     arguments = dict(hook_names=list(hook_names), n_epochs=n_epochs, training_tokens=training_tokens,
                      max_tokens=max_tokens, skip_first=skip_first, exclude_token_ids=list(exclude_token_ids),
-                     forward_batch_size=forward_batch_size, truncate=truncate)
+                     forward_batch_size=forward_batch_size, truncate=truncate, positions=positions)
     config = _run_config(rm, data, plan, arguments, stats)
     if out_dir is not None:
         out_dir = Path(out_dir)
-        _save(saes, config, out_dir)
+        save_saes(saes, config, out_dir)
     return TrainedSAEs(saes=saes, stats=stats, config=config, out_dir=out_dir)
 
 
@@ -221,7 +226,10 @@ def _run_config(
     }
 
 
-def _save(saes: dict[str, SAE], config: dict[str, Any], out_dir: Path) -> None:
+def save_saes(saes: dict[str, SAE], config: dict[str, Any], out_dir: str | Path) -> None:
+    """Save each SAE (by hook name) as a SAELens folder ``out_dir/<hook_name>/`` (each written
+    beside its target and renamed) and ``config`` as ``out_dir/training_config.json``."""
+    out_dir = Path(out_dir)
     taken = [str(out_dir / name) for name in saes if (out_dir / name).exists()
              and not (out_dir / name / SAE_CFG_FILENAME).exists()]
     if taken:

@@ -167,6 +167,29 @@ def test_head_mapping_overrides_body_weights(first_load, head):
 
 
 @pytest.mark.smollm2
+def test_low_rank_updates_are_folded_into_their_weights(first_load, head):
+    """``<module>.lora_A``/``lora_B`` add ``B @ A`` to the pretrained weight, or to an override of
+    it given in the same mapping; one factor alone, or shapes that do not fit, are refused."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 576, generator=generator), torch.randn(1536, 4, generator=generator) / 10
+    pretrained = first_load.model.model.layers[25].mlp.up_proj.weight.detach()
+    folded, _ = smollm2_hf_reward_model({"score.weight": head, "model.layers.25.mlp.up_proj.lora_A": a,
+                                         "model.layers.25.mlp.up_proj.lora_B": b}, cache_dir=first_load.cache_dir)
+    torch.testing.assert_close(folded.model.layers[25].mlp.up_proj.weight, pretrained + b @ a)
+    override = torch.ones_like(pretrained)
+    both, _ = smollm2_hf_reward_model({"model.layers.25.mlp.up_proj.weight": override,
+                                       "model.layers.25.mlp.up_proj.lora_A": a, "model.layers.25.mlp.up_proj.lora_B": b},
+                                      cache_dir=first_load.cache_dir)
+    torch.testing.assert_close(both.model.layers[25].mlp.up_proj.weight, override + b @ a)
+    assert torch.equal(folded.model.layers[24].mlp.up_proj.weight, first_load.model.model.layers[24].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="only one of model.layers.25.mlp.up_proj.lora_A and"):
+        smollm2_hf_reward_model({"model.layers.25.mlp.up_proj.lora_A": a}, cache_dir=first_load.cache_dir)
+    with pytest.raises(ValueError, match=r"lora_B \[576, 4\] @ lora_A \[4, 576\]; expected \[1536, r\] @ \[r, 576\]"):
+        smollm2_hf_reward_model({"model.layers.25.mlp.up_proj.lora_A": a, "model.layers.25.mlp.up_proj.lora_B": b[:576]},
+                                cache_dir=first_load.cache_dir)
+
+
+@pytest.mark.smollm2
 def test_default_head_is_seeded_and_safetensors_heads_load(first_load, head, tmp_path):
     from safetensors.torch import save_file
 

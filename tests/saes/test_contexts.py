@@ -104,3 +104,43 @@ def test_a_clean_run_gives_the_same_contexts_without_running_the_model(rm):
         assert [t for t, _ in a.top_tokens] == [t for t, _ in b.top_tokens]
         assert a.firing_rate == b.firing_rate and a.last_token_mean == pytest.approx(b.last_token_mean, rel=1e-5)
         torch.testing.assert_close(a.completion_max, b.completion_max)
+
+
+@pytest.mark.parametrize("positions", ["completion", "diverge"])
+def test_positions_keep_firings_elsewhere_out(rm, positions):
+    """positions="completion"/"diverge": every context peaks (and every firing counted is) inside
+    the pair's masks, the strongest of those is found, completion_max stays over the completion,
+    and a clean run of the same positions gives the same contexts."""
+    from pm_lens.attribution.positions import pair_masks
+
+    pairs = PAIRS + [PreferencePair("Say hi.", "Hi there, friend!", "Hi there. Go away.")]  # diverges mid-completion
+    batch = encode_pairs(rm.tokenizer, pairs, max_len=128)
+    sae = sparse_sae_for(rm, HOOK, batch.chosen.tokens, seed=3, d_sae=64)
+    masks = pair_masks(batch, positions, skip_first=True)
+    inside = {}
+    with torch.no_grad():
+        for side_name, side, mask in (("chosen", batch.chosen, masks[0]), ("rejected", batch.rejected, masks[1])):
+            _, cache = rm.run_with_cache(side.tokens, attention_mask=side.attention_mask, names_filter=HOOK)
+            acts = sae.encode(cache[HOOK]) * side.attention_mask[..., None]
+            inside[side_name] = (acts * mask[..., None], acts)
+    def strongest(i, which):
+        return max(float(inside[side][which][..., i].amax()) for side in inside)
+
+    fired_outside = [i for i in range(64) if strongest(i, 1) > strongest(i, 0) > 0]
+    assert fired_outside  # a feature whose strongest firing is outside the positions: the case that matters
+    index = fired_outside[0]
+    found = top_contexts(rm, [sae], pairs, [(HOOK, index)], n_contexts=3, positions=positions, progress=False)[Node(HOOK, index)]
+    everywhere = top_contexts(rm, [sae], pairs, [(HOOK, index)], n_contexts=3, progress=False)[Node(HOOK, index)]
+    best = max(float(inside[s][0][..., index].max()) for s in inside)
+    assert found.contexts[0].max_act == pytest.approx(best, rel=1e-5)
+    assert found.contexts[0].max_act < everywhere.contexts[0].max_act
+    for context in found.contexts:
+        mask = masks[("chosen", "rejected").index(context.side)]
+        position = next(p for p in range(mask.shape[1]) if mask[context.pair, p] and
+                        abs(float(inside[context.side][0][context.pair, p, index]) - context.max_act) < 1e-6)
+        assert mask[context.pair, position]
+    torch.testing.assert_close(found.completion_max, everywhere.completion_max)
+    attribution = attribute(rm, pairs, saes=[sae], positions=positions, progress=False)
+    clean = top_contexts(rm, [sae], pairs, [(HOOK, index)], n_contexts=3, positions=positions,
+                         clean=attribution.clean_run, progress=False)[Node(HOOK, index)]
+    assert [(c.pair, c.side, c.peak) for c in clean.contexts] == [(c.pair, c.side, c.peak) for c in found.contexts]

@@ -108,3 +108,29 @@ def test_first_token_is_left_out_by_default(rm):
         rejected_replaced = rm.reward(batch.rejected.tokens, batch.rejected.attention_mask)
     assert per_pair["margin_blocks.1.hook_resid_post"][0] == pytest.approx((replaced - rejected_replaced).item(), rel=1e-4)
     assert per_pair["margin"][0] == pytest.approx((clean - rejected).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["completion", "diverge"])
+def test_positions_restrict_the_tokens_judged_and_replaced(rm, positions):
+    """At positions="completion"/"diverge" the statistics cover those tokens only, and the SAE
+    replaces the activation there only: the margin equals a hand-made run doing just that."""
+    from pm_lens.attribution.positions import pair_masks
+
+    sae = build_standard_sae("blocks.1.hook_resid_post", seed=4)
+    result = evaluate_sae(rm, sae, PAIRS, positions=positions, progress=False)
+    batch = encode_pairs(rm.tokenizer, PAIRS, max_len=128)
+    masks = pair_masks(batch, positions, skip_first=True)
+    assert result.summary.iloc[0].n_tokens == sum(int(m.sum()) for m in masks)
+    assert result.summary.iloc[0].n_tokens < evaluate_sae(rm, sae, PAIRS, progress=False).summary.iloc[0].n_tokens
+    rewards = []
+    for side, mask in zip((batch.chosen, batch.rejected), masks):
+        def replace(act, hook, mask=mask):
+            return torch.where(mask[..., None], sae.decode(sae.encode(act)), act)
+
+        with rm.hooks(fwd_hooks=[("blocks.1.hook_resid_post", replace)]):
+            rewards.append(rm.reward(side.tokens, side.attention_mask))
+    expected = (rewards[0] - rewards[1]).detach()
+    torch.testing.assert_close(torch.tensor(result.per_pair["margin_blocks.1.hook_resid_post"].to_numpy()), expected,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positions must be one of"):
+        evaluate_sae(rm, sae, PAIRS, positions="prompt")

@@ -188,3 +188,23 @@ def test_bad_arguments_raise_before_any_work(rm, kwargs, message):
     arguments = dict(hook_names=[HOOK], d_sae=256, progress=False) | kwargs
     with pytest.raises(ValueError, match=message):
         train_saes(rm, ["never encoded"], **arguments)
+
+
+def test_completion_positions_keep_only_the_completions_tokens(rm, tokenizer):
+    """positions="completion": the rows are the completion tokens of each text (pairs: both sides),
+    in order; a batch's completion_start decides; other positions are refused by name."""
+    pairs = [PreferencePair("Name a colour.", "Red.", "I don't know."), PreferencePair("Hi", "Hello!", "Go away.")]
+    acts = collect_activations(rm, pairs, hook_names=[HOOK], positions="completion", progress=False)[HOOK]
+    encoded = encode_pairs(tokenizer, pairs, max_len=rm.cfg.n_ctx)
+    expected = []
+    for side in (encoded.chosen, encoded.rejected):
+        _, cache = rm.run_with_cache(side.tokens, attention_mask=side.attention_mask, names_filter=[HOOK])
+        for row in range(len(pairs)):
+            length, start = int(side.attention_mask[row].sum()), int(side.completion_start[row])
+            assert 1 < start < length
+            expected.append(cache[HOOK][row, start:length])
+    torch.testing.assert_close(acts, torch.cat(expected))
+    with pytest.raises(ValueError, match="positions must be one of .'all', 'completion'. to collect activations, got 'diverge'"):
+        train_saes(rm, pairs, hook_names=[HOOK], d_sae=8, positions="diverge", progress=False)
+    result = train_saes(rm, pairs, hook_names=[HOOK], d_sae=8, positions="completion", training_tokens=64, progress=False)
+    assert result.config["positions"] == "completion" and result.stats.loc[HOOK, "n_tokens"] == acts.shape[0]
