@@ -191,14 +191,14 @@ def _describe(features: pd.DataFrame, contexts: dict, pairs: list[PreferencePair
 
 def _fires_on(rm: RewardModel, attribution: Attribution, indices: list[int], features: str) -> str:
     """What the first three of a recovery row's features fire on, over the group's pairs (read
-    from the attribution's clean run)."""
+    from the attribution's clean run): each one's label and top tokens."""
     nodes = recovered_features(features)[:3]
     if not nodes:
         return ""
     group = attribution.subset(indices)
     found = top_contexts(rm, list(attribution.saes.values()), group.pairs, nodes, n_contexts=1, skip_first=True,
                          skip_last=True, positions=attribution.settings.positions, clean=group.clean_run, progress=False)
-    return " | ".join(found[node].describe(2) for node in nodes)
+    return " | ".join(f"{found[node].label or '(no label)'}: {found[node].describe(2)}" for node in nodes)
 
 
 def _readability_table(readable: dict[str, bool]) -> pd.DataFrame:

@@ -64,6 +64,15 @@ def test_demo_writes_sane_outputs(first_load, tmp_path, capsys):
         page = f"dashboards/{node.replace(':', '-')}.html"
         assert (out / page).exists() and f"href='{page}'" in report
     assert config["attribution"]["text_format"] == "chat_template" and config["attribution"]["skip_first"] is True
+    # The study's positions by default: from where chosen and rejected diverge.
+    assert config["attribution"]["positions"] == "diverge" and card["settings"]["positions"] == "diverge"
+    # The report leads with a finding per planted attribute and ends with the settings.
+    headings = [part.split("</h2>")[0] for part in report.split("<h2>")[1:]]
+    assert headings[0] == "Findings" and headings[-1] == "Settings"
+    findings = report[report.index("<h2>Findings</h2>"):report.index("<h2>Features that raise reward</h2>")]
+    for attribute in PLANTED_ATTRIBUTES:
+        assert f"<h3>{attribute}: planted to" in findings
+    assert findings.count("class='context'") >= 1 and "also_top_for" in features
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 

@@ -45,7 +45,10 @@ def test_shipped_demo_saes_fit_the_demo_pm(demo_pm):
 
     folder = DEMO_PM_FILE.parent / "demo_saes"
     hooks = ["blocks.8.hook_resid_post", "blocks.15.hook_resid_post", "blocks.22.hook_resid_post"]
-    saes = [load_sae(folder / hook) for hook in hooks]
+    # Shipped in float16 (the package's size budget: 15 MiB for the SAEs), loaded in the PM's float32.
+    assert {load_sae(folder / hook).dtype for hook in hooks} == {torch.float16}
+    assert sum(f.stat().st_size for f in folder.rglob("*.safetensors")) <= 15 * 2**20
+    saes = [load_sae(folder / hook, dtype="float32") for hook in hooks]
     assert [sae.cfg.metadata.hook_name for sae in saes] == hooks
     pairs = make_planted(seed=0).test[:2]
     bare = score_pairs(demo_pm, pairs, progress=False)

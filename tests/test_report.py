@@ -58,3 +58,59 @@ def test_report_of_any_run_takes_attributes_top_features(tmp_path, tokenizer):
     raising_words = render_report(title="t", settings={}, features=result.top_features(3, direction="raising")
                                   .assign(direction="raising"), card=card, contexts={})
     assert "Features that raise reward" in raising_words
+
+
+def _wide_report(**extra):
+    """A report shaped like the demo's: many columns, long labels and token lists, a finding."""
+    from pm_lens.report import Finding
+
+    hooks = ["blocks.15.hook_resid_post", "blocks.22.hook_resid_post"]
+    features = pd.DataFrame({
+        "attribute": ["closer", "closer", "url"], "rank": [1, 2, 1], "hook_name": [hooks[0], hooks[1], hooks[0]],
+        "feature": [1017, 2047, 1017], "direction": ["raises", "raises", "lowers"],
+        "label": ["' You are most welcome'", "'<|im_end|>\\n'", "'https://www.ducksters'"],
+        "estimated_margin_effect": [-1.23456, -0.5, 0.75], "exact_margin_effect": [-1.1, -0.45, 0.8],
+        "fires_in": ["chosen", "both", "rejected"], "exact_reward_effect": [-1.0, -0.3, 0.9],
+        "fires_on": ["' welcome' '!' ' pleasure'", "'\\n' '.' '<|im_end|>'", "'https' '://' 'www'"],
+        "at_last_token": [0.1, 3.2, 0.0], "tracks_attribute": ["closer", "idk", "url"], "correlation": [0.9, 0.2, 0.8],
+        "sign_agreement": [1.0, 0.83, 1.0], "also_top_for": ["url", "", "closer"],
+        "exact_chosen_effect": [-1.0, -0.3, 0.0], "exact_rejected_effect": [0.0, 0.1, 0.9]})
+    node = Node(hooks[0], 1017)
+    tokens = ["Paris", " is", " the", " capital", ".", " You", " are", " most", " welcome", "!", "<|im_end|>", "\n"] * 2
+    context = Context(pair=0, side="chosen", tokens=tokens, acts=[0.0] * 8 + [3.0] + [0.0] * 15, peak=8,
+                      completion_start=0)
+    contexts = {node: FeatureContexts(node, [context], [(" welcome", 3.0)], 0.1, torch.zeros(1, 2), 0.5, label="' welcome'")}
+    finding = Finding(title="closer: planted to raise reward", verdict="removes 91% of its margin",
+                      features=features[features.attribute == "closer"][["rank", "hook_name", "feature", "label"]], ok=True)
+    settings = {"settings": {"a_long_setting_name": "x" * 300}, "versions": {"torch": "2.13.0+cpu"}}
+    return render_report(title="demo", settings=settings, features=features, card=_card(), contexts=contexts,
+                         findings=[finding], lead="What we found, in words.", **extra)
+
+
+def test_report_leads_with_the_findings_and_ends_with_the_settings():
+    page = _wide_report(feature_columns=["attribute", "rank", "label", "exact_margin_effect"])
+    headings = [part.split("</h2>")[0] for part in page.split("<h2>")[1:]]
+    assert headings[0] == "Findings" and headings[-1] == "Settings"
+    assert page.index("What we found, in words.") < page.index("<h2>Findings</h2>")
+    finding = page[page.index("<div class='finding ok'>"):page.index("<h2>Features that raise reward</h2>")]
+    assert "removes 91% of its margin" in finding and "blocks.15.hook_resid_post:1017" in finding
+    assert "class='completion peak'" in finding and "rgba(255, 120, 0, 1.00)" in finding  # the highlighted firing
+    assert "&#x27; You are most welcome&#x27;" in page or "' You are most welcome'" in page
+    tables = page[page.index("<h2>Features that raise reward</h2>"):page.index("<h2>Fidelity</h2>")]
+    assert "exact_margin_effect" in tables and "fires_on" not in tables and "sign_agreement" not in tables
+    assert page.index("a_long_setting_name") > page.index("<h2>Settings</h2>")
+
+
+def test_report_fits_a_laptop_window_in_a_real_browser(tmp_path):
+    """At 1400 px no part of the page (tables included) is wider than the window: no column hides
+    behind a horizontal scrollbar. Measured by Chromium itself (scrollWidth), all columns shown."""
+    from tests.dashboard.test_render import _chromium, _run_chromium
+
+    binary = _chromium()
+    page = _wide_report().replace("</body>", "<script>document.title = 'width=' + "
+                                  "document.documentElement.scrollWidth;</script></body>")
+    path = tmp_path / "report.html"
+    path.write_text(page)
+    dom = _run_chromium(binary, tmp_path / "profile", "--window-size=1400,900", "--dump-dom", path.as_uri())
+    width = int(dom.split("<title>width=")[1].split("<")[0])
+    assert 0 < width <= 1400, width

@@ -258,7 +258,7 @@ def _contributions(rm: RewardModel, saes: dict, pairs: list, texts: list[tuple[i
 def _kept_contributions(clean: CleanRun | None, saes: dict, texts: list[tuple[int, str]], nodes: list[Node],
                         baselines: dict[str, Tensor], *, skip_first: bool) -> dict:
     """As :func:`_contributions`, for the texts whose clean run (with the attribution's gradients)
-    was kept: no forward at all."""
+    was kept: no forward at all; zero outside the positions the attribution acted on."""
     out: dict = {}
     if clean is None:
         return out
@@ -270,7 +270,9 @@ def _kept_contributions(clean: CleanRun | None, saes: dict, texts: list[tuple[in
             rows = [row for row in range(run.batch.tokens.shape[0]) if (start + row, side_name) in texts]
             if not rows:
                 continue
-            keep = run.batch.kept(skip_first=skip_first)
+            # The attribution's positions (its mask, first token included as it chose): the
+            # contributions of a text add up to the side effect it estimated.
+            keep = run.mask & run.batch.kept(skip_first=skip_first).to(run.mask.device)
             dense = {hook: replace(run.nodes[hook], acts=run.dense_acts(hook)) for hook in saes}
             for row in rows:
                 out[(start + row, side_name)] = _row_contributions(saes, dense, run.grads, row, nodes, baselines, keep,

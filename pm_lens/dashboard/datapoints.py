@@ -93,8 +93,11 @@ def _ablate_rest(rm: RewardModel, saes: dict[str, Any], pairs: Sequence[Any], id
         return {node: ([], _mean_if_covered(node, [], [], reading, baselines, len(pairs))) for node in nodes}
     subset = None if clean is None else clean.subset(union)
     with rm.counting("dashboard"):
+        # At the clean run's positions (an attribution's), so the effects are the ones it estimated.
+        positions = "all" if clean is None else clean.settings.positions
         exact = ablate(rm, [pairs[i] for i in union], saes=list(saes.values()), features=nodes, baselines=baselines,
-                       skip_first=skip_first, batch_tokens=batch_tokens, clean=subset, progress=False)
+                       skip_first=skip_first, positions=positions, batch_tokens=batch_tokens, clean=subset,
+                       progress=False)
     found, row_of = {}, {pair: row for row, pair in enumerate(union)}
     for column, node in enumerate(nodes):
         points, _ = _from_ablation(exact, column, union, ids)

@@ -30,6 +30,7 @@ Steps of :func:`train_saes` (the module that does each is named at its end):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -226,6 +227,15 @@ def _run_config(
     }
 
 
+def _usual_permissions(folder: Path) -> None:
+    """Give ``folder`` and its files the permissions of any new file (``mkdtemp`` makes them private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_saes(saes: dict[str, SAE], config: dict[str, Any], out_dir: str | Path) -> None:
     """Save each SAE (by hook name) as a SAELens folder ``out_dir/<hook_name>/`` (each written
     beside its target and renamed) and ``config`` as ``out_dir/training_config.json``."""
@@ -241,6 +251,7 @@ def save_saes(saes: dict[str, SAE], config: dict[str, Any], out_dir: str | Path)
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
         try:
             sae.save_model(tmp)
+            _usual_permissions(tmp)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
         finally:

@@ -5,6 +5,7 @@ tensors are collected once per module; every training run is small (d_sae 256, <
 """
 
 import json
+import os
 import random
 
 import pytest
@@ -168,6 +169,10 @@ def test_saved_saes_load_back_identical(rm, train_texts, tmp_path, architecture)
     assert config["seed"] == 7 and config["architecture"] == architecture and config["hook_names"] == [HOOK]
     assert config["n_tokens"] == result.stats.loc[HOOK, "n_tokens"] and config["versions"]["sae-lens"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [HOOK, "training_config.json"]  # no temporary leftovers
+    mask = os.umask(0)
+    os.umask(mask)  # the saved folder and files have the permissions of any new one, not mkdtemp's private 0700
+    assert (tmp_path / HOOK).stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / HOOK).iterdir()} == {0o666 & ~mask}
 
 
 @pytest.mark.parametrize(
