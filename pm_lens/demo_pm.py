@@ -1,11 +1,12 @@
 """The demo preference model: SmolLM2's body with a reward head, trained on planted preferences.
 
-The embedded default PM is SmolLM2-135M-Instruct whose last ``n_trained`` layers, final norm and a
-new ``[d_model, 1]`` score head were trained, with low-rank updates (LoRA, rank ``lora_rank``) of
-every linear layer of the ``lora_layers`` layers below them, with the Bradley-Terry loss
+The embedded default PM is SmolLM2-135M-Instruct whose last ``n_trained`` (2) layers, final norm
+and a new ``[d_model, 1]`` score head were trained with the Bradley-Terry loss
 ``-log sigmoid(r(chosen) - r(rejected))`` on the training split of :mod:`pm_lens.data.planted`.
-The trained weights ship in ``pm_lens/assets/demo_pm.safetensors`` (float16, the low-rank factors
-as ``<module>.lora_A``/``lora_B``, folded into the weights on loading); this module loads them
+Training can also fit low-rank updates (LoRA, rank ``lora_rank``) of every linear layer of the
+``lora_layers`` layers below them (the shipped PM has none); they are saved as
+``<module>.lora_A``/``lora_B`` and folded into the weights on loading. The trained weights ship in
+``pm_lens/assets/demo_pm.safetensors`` (float16); this module loads them
 (:func:`demo_reward_model`) and reproduces them (:func:`train_demo_pm`, run by
 ``scripts/train_demo_pm.py``). Layers up to 22 stay SmolLM2's own, so the demo SAEs (blocks 8,
 15 and 22) read the pretrained residual stream.
