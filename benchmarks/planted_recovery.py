@@ -69,7 +69,8 @@ def main() -> None:
         group_pairs = [pairs[i] for i in groups[group]]
         found = top_contexts(rm, saes, group_pairs, nodes, n_contexts=5, skip_first=True, skip_last=True,
                              positions=args.positions, progress=False)
-        fires_on[group] = " | ".join(f"L{n[0].split('.')[1]}#{n[1]}: {found[n].describe(2)}" for n in nodes)
+        fires_on[group] = " | ".join(f"L{n.hook_name.split('.')[1]}#{n.feature} {found[n].label or '(no label)'!r}: "
+                                     f"{found[n].describe(2)}" for n in nodes)
         if group in STYLE:  # issue 15's score: one of the top 3 features' top 5 contexts fires on the marker
             readable.update(readability(rm.tokenizer, rm.text_format, group_pairs, {group: nodes}, found))
 
@@ -78,7 +79,7 @@ def main() -> None:
               f"top {args.top} features ablated jointly, positions={args.positions!r}\n")
         shown = ["group", "saes", "n_pairs", "accuracy", "margin", "removed", "fraction_removed", "estimated"]
         print(table[shown].to_string(index=False))
-        print("\nWhat the top 3 features (all 3 SAEs) fire on, the last token left out:")
+        print("\nWhat the top 3 features (all 3 SAEs) fire on (label: top tokens), the last token left out:")
         for group, text in fires_on.items():
             print(f"  {group:>10}: {text}")
     hits = [g for g in STYLE if everything.loc[g, "fraction_removed"] >= 0.5]

@@ -383,7 +383,7 @@ def _ablate_shard(rm: Any, saes: dict[str, Any], config: RunConfig, pairs: list[
     # Read from the clean run (no forward); three times as many as shown, for the merge to drop
     # windows another shard holds too.
     found = top_contexts(rm, list(saes.values()), pairs, confirmed, clean=clean, n_contexts=3 * CONTEXTS_PER_FEATURE,
-                         progress=False)
+                         positions=config["attribution.positions"], progress=False)
     tensors = {"chosen": result.chosen.float().contiguous(), "rejected": result.rejected.float().contiguous(),
                "clean_chosen": result.clean_chosen.float(), "clean_rejected": result.clean_rejected.float(),
                "all_margin": everything.margin[:, 0].float().contiguous(),
