@@ -182,6 +182,8 @@ def _finding(finding: Finding, contexts: Mapping[Node, FeatureContexts], dashboa
             found = contexts.get(Node(row.hook_name, int(row.feature)))
             for context in (found.contexts[: finding.contexts] if found else []):
                 parts.append(_context_line(context, prefix=f"{found.node}: "))
+            if found is not None and not found.contexts:
+                parts.append(f"<p class='note'>{_e(found.node)}: {_e(found.silence())}</p>")
     parts.append("</div>")
     return "".join(parts)
 
@@ -211,7 +213,8 @@ def _feature_block(found: FeatureContexts, direction: str) -> str:
     header = (f"<h3>{_e(found.node)} ({_e(direction)} reward)</h3>"
               f"<p class='note'>fires on {100 * found.firing_rate:.2f}% of tokens; most on "
               f"{_e(found.describe(5))}; mean activation at the last token {found.last_token_mean:.3g}</p>")
-    lines = [_context_line(context) for context in found.contexts] or ["<p class='note'>(never fires on these texts)</p>"]
+    lines = [_context_line(context) for context in found.contexts] or [f"<p class='note'>{_e(found.silence())} "
+                                                                        "on these texts</p>"]
     return f"<div class='feature'>{header}{''.join(lines)}</div>"
 
 

@@ -90,7 +90,14 @@ class FeatureContexts:
 
     def describe(self, n_tokens: int = 3) -> str:
         """The tokens it fires on most, as one short string (e.g. ``"' welcome' '!'"``)."""
-        return " ".join(repr(token) for token, _ in self.top_tokens[:n_tokens]) or "(never fires)"
+        shown = " ".join(repr(token) for token, _ in self.top_tokens[:n_tokens])
+        return shown or self.silence()
+
+    def silence(self) -> str:
+        """Why there is nothing to show: a feature whose firings all fall on the texts' last token
+        (left out with ``skip_last``; a summary feature, read where the reward is) is not one
+        that never fires."""
+        return f"(fires only at the last token, mean {self.last_token_mean:.3g})" if self.last_token_mean > 0 else "(never fires)"
 
 
 def top_contexts(

@@ -144,3 +144,15 @@ def test_positions_keep_firings_elsewhere_out(rm, positions):
     clean = top_contexts(rm, [sae], pairs, [(HOOK, index)], n_contexts=3, positions=positions,
                          clean=attribution.clean_run, progress=False)[Node(HOOK, index)]
     assert [(c.pair, c.side, c.peak) for c in clean.contexts] == [(c.pair, c.side, c.peak) for c in found.contexts]
+
+
+def test_a_feature_seen_only_at_the_last_token_is_not_said_to_never_fire():
+    """With skip_last, a summary feature (firing only where the reward is read) has no contexts;
+    its description says where it fires instead of "(never fires)"."""
+    from pm_lens.saes.contexts import FeatureContexts
+
+    node = Node(HOOK, 1)
+    summary = FeatureContexts(node, [], [], 0.0, torch.zeros(1, 2), last_token_mean=2.5)
+    silent = FeatureContexts(node, [], [], 0.0, torch.zeros(1, 2), last_token_mean=0.0)
+    assert summary.describe() == "(fires only at the last token, mean 2.5)"
+    assert silent.describe() == "(never fires)"
