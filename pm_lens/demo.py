@@ -282,7 +282,7 @@ def findings(features: pd.DataFrame, recovery: pd.DataFrame, readable: dict[str,
     for row in recovery.itertuples():
         planted = "raises" if WEIGHTS[row.group] > 0 else "lowers"
         rows = features[features.attribute == row.group].sort_values("rank")
-        agrees = {"raises": rows.direction.eq("raises").any(), "lowers": rows.direction.eq("lowers").any()}[planted]
+        agrees = rows.direction.eq(planted).any()
         verdict = (f"Planted: it {planted} reward (weight {WEIGHTS[row.group]:+g}). On its {row.n_pairs} held-out pairs "
                    f"the PM's mean margin is {row.margin:.2f}; ablating the top {len(recovered_features(row.features))} "
                    f"features of those pairs together removes {row.fraction_removed:.0%} of it.")

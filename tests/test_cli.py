@@ -214,3 +214,13 @@ def test_errors_during_the_run_are_one_line(tmp_path, monkeypatch, capsys, error
     monkeypatch.setenv("PM_LENS_DEBUG", "1")
     with pytest.raises(type(error)):
         main(argv)
+
+
+def test_demo_positions_are_the_attributions():
+    """demo_settings spells the positions out (it must not import torch): the same set."""
+    from pm_lens.attribution.positions import POSITIONS as ATTRIBUTION_POSITIONS
+    from pm_lens.demo_settings import POSITIONS, DemoSettings
+
+    assert set(POSITIONS) == set(ATTRIBUTION_POSITIONS) and DemoSettings().positions == "diverge"
+    with pytest.raises(ValueError, match="positions must be one of .* got 'prompt'"):
+        DemoSettings(positions="prompt")
