@@ -15,7 +15,7 @@ and readability 5/5 (issue 15, :mod:`pm_lens.readability`). "correct" is reporte
 the demo PM barely separates correct from wrong answers, so its margin there is small and the
 fraction noisy.
 
-    python benchmarks/planted_recovery.py [--pairs 30] [--top 10] [--quick]
+    python benchmarks/planted_recovery.py [--pairs 30] [--top 10] [--quick] [--positions diverge] [--method atp]
 """
 
 from __future__ import annotations
@@ -47,13 +47,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 pairs per attribute, no per-SAE rows (smoke test)")
     parser.add_argument("--positions", default="diverge", choices=["diverge", "completion", "all"],
                         help="token positions attributed, ablated and read")
+    parser.add_argument("--method", default="atp", choices=["atp", "ig"], help="how features are ranked (IG: 8 steps)")
     args = parser.parse_args()
     n_pairs = 4 if args.quick else args.pairs
     start = time.perf_counter()
     rm = demo_reward_model()
     saes = demo_saes()
     pairs, groups = held_out_pairs(n_pairs)
-    attribution = attribute(rm, pairs, saes=saes, skip_first=True, positions=args.positions)
+    attribution = attribute(rm, pairs, saes=saes, skip_first=True, positions=args.positions, method=args.method,
+                            ig_steps=8)
     rows = []
     hook_sets = [("all 3", None)] + ([] if args.quick else [(h.split(".")[1], [h]) for h in DEMO_SAE_HOOKS])
     for label, hooks in hook_sets:
@@ -76,7 +78,7 @@ def main() -> None:
 
     with pd.option_context("display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format):
         print(f"\nPlanted recovery on the demo PM: {n_pairs} held-out single-attribute pairs per attribute, "
-              f"top {args.top} features ablated jointly, positions={args.positions!r}\n")
+              f"top {args.top} features ablated jointly, positions={args.positions!r}, method={args.method!r}\n")
         shown = ["group", "saes", "n_pairs", "accuracy", "margin", "removed", "fraction_removed", "estimated"]
         print(table[shown].to_string(index=False))
         print("\nWhat the top 3 features (all 3 SAEs) fire on (label: top tokens), the last token left out:")

@@ -4,7 +4,7 @@ The embedded default PM is SmolLM2-135M-Instruct whose last ``n_trained`` (2) la
 and a new ``[d_model, 1]`` score head were trained with the Bradley-Terry loss
 ``-log sigmoid(r(chosen) - r(rejected))`` on the training split of :mod:`pm_lens.data.planted`.
 Training can also fit low-rank updates (LoRA, rank ``lora_rank``) of every linear layer of the
-``lora_layers`` layers below them (the shipped PM has none); they are saved as
+``lora_layers`` layers below them (the shipped PM: rank 8 on layers 23-27); they are saved as
 ``<module>.lora_A``/``lora_B`` and folded into the weights on loading. The trained weights ship in
 ``pm_lens/assets/demo_pm.safetensors`` (float16); this module loads them
 (:func:`demo_reward_model`) and reproduces them (:func:`train_demo_pm`, run by
@@ -94,7 +94,7 @@ def train_demo_pm(
     pairs: Sequence[PreferencePair],
     *,
     n_trained: int = 2,
-    lora_layers: int = 0,
+    lora_layers: int = 5,
     lora_rank: int = 8,
     epochs: int = 3,
     batch_pairs: int = 16,
