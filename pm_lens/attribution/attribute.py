@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pm_lens.attribution.batching import pair_batches
-from pm_lens.attribution.clean import SIDES, CleanRunBuilder, CleanSettings, SideRun, clean_side
+from pm_lens.attribution.clean import SIDES, CleanRunBuilder, CleanSettings, SideRun, clean_side, grad_start, right_padded
 from pm_lens.attribution.formulas import TARGETS, node_effects, removal_delta
 from pm_lens.attribution.nodes import plain_model, read_nodes, resolve_saes
 from pm_lens.attribution.outliers import outlier_positions, outlier_rows, warn_outlier_features
@@ -237,11 +237,14 @@ def _integrated_gradients(rm: RewardModel, run: SideRun, saes: dict[str, SAE], b
         full = {n: removal_delta(run.nodes[n].acts, baselines[n], directions(saes[n]), run.nodes[n].error,
                                  run.nodes[n].scale, run.mask.to(run.nodes[n].x.device)) for n in names}
     grads = {n: torch.zeros_like(run.nodes[n].x) for n in names}
+    # The removal is zero before the first masked position, so those positions need no backward.
+    start = grad_start(run.batch.attention_mask, run.mask) if right_padded(run.batch.attention_mask) else 0
     for step in range(ig_steps):
         alpha = (step + 0.5) / ig_steps
         with rm.counting("ig"):
             step_run = rm.run_with_deltas(run.batch.tokens, run.batch.attention_mask,
-                                          deltas={n: (1 - alpha) * d for n, d in full.items()}, grad_at=names)
+                                          deltas={n: (1 - alpha) * d for n, d in full.items()}, grad_at=names,
+                                          grad_from=start)
         for n in names:
             grads[n] += flat(saes[n], step_run.grads[n]) / ig_steps
     return grads

@@ -30,7 +30,7 @@ from pm_lens.attribution.nodes import read_nodes
 from pm_lens.attribution.positions import pair_masks
 from pm_lens.data import PairBatch, PreferencePair, TokenBatch
 from pm_lens.model import RewardModel
-from pm_lens.model.runs import PrefixKV
+from pm_lens.model.runs import PrefixKV, final_positions
 from pm_lens.saes.split import SAENodes
 
 DEFAULT_BUDGET_BYTES = 2 * 2**30
@@ -187,12 +187,26 @@ def clean_side(
     d(sum of rewards)/d(hook output) at every SAE hook."""
     layers = restart_layers(rm, list(saes))
     read = [*saes, *(rm.layer_input(layer) for layer in layers)]
+    padded_right = right_padded(side.attention_mask)
     with rm.counting("clean"):
         run = rm.run_with_deltas(side.tokens, side.attention_mask, read=read, grad_at=list(saes) if with_grad else (),
-                                 keep_kv_from=kv_layer(rm, list(saes)) if right_padded(side.attention_mask) else None)
+                                 keep_kv_from=kv_layer(rm, list(saes)) if padded_right else None,
+                                 grad_from=grad_start(side.attention_mask, mask) if with_grad and padded_right else 0)
     nodes = read_nodes(saes, run.acts)
     residuals = {layer: run.acts[rm.layer_input(layer)] for layer in layers}
     return SideRun(side, mask, run.rewards, nodes, residuals, run.kv), run.grads
+
+
+def grad_start(attention_mask: Tensor, mask: Tensor) -> int:
+    """The first position whose gradient a stage acting on ``mask`` reads: the first masked
+    position of any row (a row with none counts its pooled position), so a run may skip the
+    backward before it (``RewardModel.run_with_deltas(grad_from=...)``); 0 (one plain forward)
+    where that would save less than an eighth of the positions (e.g. ``positions="all"``)."""
+    last = final_positions(None, attention_mask).to(mask.device)
+    if not len(last):
+        return 0
+    start = int(torch.minimum(torch.where(mask.any(1), mask.int().argmax(1), last), last).min())
+    return start if 8 * start >= attention_mask.shape[1] else 0
 
 
 def kv_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:

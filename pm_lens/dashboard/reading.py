@@ -131,7 +131,7 @@ def _from_clean(rm: RewardModel, saes: dict[str, SAE], clean: CleanRun) -> Itera
             layer, residual = _latest_residual(rm, run)
             with rm.counting("dashboard"):
                 final = rm.pooled_final_residual(run.batch.attention_mask, tokens=run.batch.tokens, residual=residual,
-                                                 layer=layer)
+                                                 layer=layer, prefix=run.kv)
             yield start, side_index, run.batch, split_nodes, final
 
 

@@ -207,7 +207,20 @@ class ModelRuns:
 
     def count_forward(self, input: Tensor) -> None:  # noqa: A002
         rows, positions = (input.shape[0], input.shape[1]) if input.ndim >= 2 else (1, input.shape[0])
-        self.forward_count.add(self.__dict__.get("_purpose", "other"), rows, positions)
+        purpose = self.__dict__.get("_purpose", "other")
+        if self.__dict__.get("_continuing"):  # the rest of a pass already counted: its tokens only
+            self.forward_count.tokens[purpose] += rows * positions
+        else:
+            self.forward_count.add(purpose, rows, positions)
+
+    @contextmanager
+    def _continued(self) -> Iterator[None]:
+        """Forwards inside the block continue a counted pass (a split run's second part)."""
+        self.__dict__["_continuing"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_continuing"] = False
 
     # ---- runs -----------------------------------------------------------------------------------
 
@@ -232,6 +245,7 @@ class ModelRuns:
         deltas: Mapping[str, Delta] | None = None,
         grad_at: Sequence[str] = (),
         keep_kv_from: int | None = None,
+        grad_from: int = 0,
     ) -> DeltaRun:
         """Run the model, adding ``deltas[hook]`` to the activation at each hook, and read the
         activations at the hooks in ``read`` and d(sum of rewards)/d(hook output) at those in
@@ -242,12 +256,52 @@ class ModelRuns:
         A delta is a tensor, or a function of the activation as it arrives in this run (for
         removals that depend on what earlier hooks changed), flat (``[..., d_in]``) or in the
         hook's layout.
+
+        ``grad_from`` (right-padded batches, tensor deltas, at most every row's pooled position):
+        the gradients are wanted at positions ``grad_from`` onwards only. Attention is causal, so
+        nothing before that depends on them: positions before it run first without autograd (their
+        keys and values cached), then the rest with it, attending to them. The gradients come
+        back full length, zero before ``grad_from``; activations, rewards and ``kv`` are those of
+        one forward, and the count is one pass (its tokens are both parts'). The backward then
+        covers only the tail, which is where the cost of attributing long shared prompts goes.
         """
+        if grad_from > 0 and grad_at:
+            return self._split_run(tokens, attention_mask, read, deltas, grad_at, keep_kv_from, grad_from)
         cache = None if keep_kv_from is None else self._empty_cache(tokens.shape[0])
         with self._delta_hooks(read, deltas, grad_at) as state:
             rewards = self.reward(tokens, attention_mask, past_kv_cache=cache)
             run = state.finish(rewards, read)
         return run if cache is None else DeltaRun(run.rewards, run.acts, run.grads, PrefixKV.from_cache(cache, keep_kv_from))
+
+    def _split_run(self, tokens: Tensor, attention_mask: Tensor, read: Sequence[str], deltas: Mapping[str, Delta] | None,
+                   grad_at: Sequence[str], keep_kv_from: int | None, start: int) -> DeltaRun:
+        """:meth:`run_with_deltas` with the positions before ``start`` run without autograd."""
+        deltas = dict(deltas or {})
+        if any(callable(d) for d in deltas.values()):
+            raise ValueError("grad_from needs tensor deltas (a function of the arriving activation sees one part only)")
+        last = final_positions(None, attention_mask)
+        if not (attention_mask.cummin(1).values == attention_mask).all() or start > int(last.min()):
+            raise ValueError(f"grad_from={start} needs a right-padded batch whose every row's pooled position "
+                             f"(here from {int(last.min())}) is at or after it")
+        cache = self._empty_cache(tokens.shape[0])
+        wrong = {n: tuple(d.shape) for n, d in deltas.items() if d.shape[:2] != tokens.shape}
+        if wrong:
+            raise ValueError(f"grad_from needs deltas shaped [batch, pos, ...] like the tokens {tuple(tokens.shape)}, got {wrong}")
+        head = {n: d[:, :start] for n, d in deltas.items()}
+        tail = {n: d[:, start:] for n, d in deltas.items()}
+        with self._delta_hooks(read, head, ()) as before:
+            self(tokens[:, :start], attention_mask=attention_mask[:, :start], past_kv_cache=cache)
+        with self._continued(), self._delta_hooks(read, tail, grad_at) as after:
+            per_position = self(tokens[:, start:], attention_mask=attention_mask[:, start:], past_kv_cache=cache)[..., 0]
+            rewards = per_position.gather(1, (last - start).to(per_position.device)[:, None])[:, 0].to(self.cfg.device)
+            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+            if bad:
+                raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
+            run = after.finish(rewards, read)
+        acts = {n: torch.cat([before.seen[n], a.to(before.seen[n].device)], dim=1) for n, a in run.acts.items()}
+        grads = {n: torch.cat([torch.zeros_like(before.seen[n]), g.to(before.seen[n].device)], dim=1)
+                 for n, g in run.grads.items()}
+        return DeltaRun(run.rewards, acts, grads, None if keep_kv_from is None else PrefixKV.from_cache(cache, keep_kv_from))
 
     def _empty_cache(self, batch: int) -> Any:
         """An empty TransformerLens KV cache, each block's entry on the block's device."""
@@ -344,16 +398,28 @@ class ModelRuns:
         tokens: Int[Tensor, "batch pos"] | None = None,
         residual: Float[Tensor, "batch pos d_model"] | None = None,
         layer: int = 0,
+        prefix: PrefixKV | None = None,
     ) -> Float[Tensor, "batch d_model"]:
         """The last block's output (the final norm's input) at each row's pooled position: a forward
         of ``tokens``, or one restarted at block ``layer`` from ``residual`` (that block's input).
-        Right- or left-padded; no gradient."""
+        Right- or left-padded; no gradient. With ``prefix`` (the clean keys and values of blocks
+        ``layer`` on, right-padded rows), a restart recomputes only the positions from the
+        earliest pooled one on."""
+        last = final_positions(None, attention_mask)
+        start = int(last.min()) if len(last) else 0
         with torch.no_grad():
             if residual is None:
                 out = self(tokens, attention_mask=attention_mask, stop_at_layer=self.cfg.n_layers)
+                start = 0
+            elif prefix is not None and start > 0 and layer >= prefix.first_layer and bool(
+                    (attention_mask.cummin(1).values == attention_mask).all()):
+                cache = self._prefix_cache(prefix, None, start, layer, attention_mask)
+                out = self(residual[:, start:], start_at_layer=layer, stop_at_layer=self.cfg.n_layers,
+                           attention_mask=attention_mask, past_kv_cache=cache)
             else:
                 out = self(residual, start_at_layer=layer, stop_at_layer=self.cfg.n_layers, attention_mask=attention_mask)
-        last = final_positions(None, attention_mask).to(out.device)
+                start = 0
+        last = (last - start).to(out.device)
         return out[torch.arange(len(last), device=out.device), last]
 
     def prefix_kv(

@@ -12,6 +12,7 @@ from sae_lens.saes.sae import SAEMetadata
 from pm_lens import Node
 from pm_lens.attribution import ablate, attribute, check_fidelity
 from pm_lens.scoring import score_pairs
+from tests.attribution.conftest import HOOKS
 from pm_lens.saes import attach_saes
 
 
@@ -184,3 +185,36 @@ def test_no_saes_and_too_long_pairs(rm, pairs, saes):
 
     with pytest.raises(ValueError, match="longer than the context max_len=128"):
         attribute(rm, [PreferencePair("x" * 200, "a", "b")], saes=saes)
+
+
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_attributing_from_the_divergence_skips_the_shared_prefix_and_changes_nothing(rm, pairs, saes, method, monkeypatch):
+    """At positions="diverge" the backward starts at the first diverging position (the prefix runs
+    without autograd); the effects, rewards and the clean run's activations are those of full runs."""
+    import importlib
+
+    attribute_module = importlib.import_module("pm_lens.attribution.attribute")  # the package exports the function
+    clean_module = importlib.import_module("pm_lens.attribution.clean")
+
+    used = []
+    run_with_deltas = type(rm).run_with_deltas
+
+    def spy(self, *args, grad_from=0, **kwargs):
+        used.append(grad_from)
+        return run_with_deltas(self, *args, grad_from=grad_from, **kwargs)
+
+    monkeypatch.setattr(type(rm), "run_with_deltas", spy)
+    split = attribute(rm, pairs, saes=saes, positions="diverge", method=method, ig_steps=3, progress=False)
+    assert max(used) > 0
+    used.clear()
+    for module in (attribute_module, clean_module):
+        monkeypatch.setattr(module, "grad_start", lambda attention_mask, mask: 0)
+    whole = attribute(rm, pairs, saes=saes, positions="diverge", method=method, ig_steps=3, progress=False)
+    assert max(used) == 0
+    for hook in HOOKS:
+        torch.testing.assert_close(split.dense_effects(hook), whole.dense_effects(hook), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(split.error_effects[hook], whole.error_effects[hook], atol=1e-5, rtol=1e-4)
+        assert split.dense_effects(hook).abs().sum() > 0
+    torch.testing.assert_close(split.clean_margin, whole.clean_margin, atol=1e-5, rtol=1e-5)
+    side, full = split.clean_run.kept[0][0], whole.clean_run.kept[0][0]
+    torch.testing.assert_close(side.dense_acts(HOOKS[0]), full.dense_acts(HOOKS[0]), atol=1e-5, rtol=1e-4)

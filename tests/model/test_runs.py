@@ -45,6 +45,63 @@ def test_a_delta_from_a_position_on_restarted_on_the_suffix_is_exact(rm):
                                whole_mlp, atol=1e-4, rtol=1e-5)
 
 
+def test_gradients_from_a_position_on_skip_the_backward_before_it_and_are_exact(rm):
+    """grad_from=k runs positions < k without autograd and the rest with it, attending to their
+    cached keys and values: the rewards, activations, keys and values are the one-forward ones,
+    the gradients equal the one-forward gradients at positions >= k (zero before), deltas are
+    added in both parts, and the count is one pass with all its tokens."""
+    tokens, mask = _batch(rm)
+    hooks = [rm.layer_input(1), "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    start = 9
+    delta = torch.zeros(*tokens.shape, rm.cfg.d_model)
+    delta[:, 5:] = 0.3 * torch.randn(tokens.shape[0], tokens.shape[1] - 5, rm.cfg.d_model,
+                                     generator=torch.Generator().manual_seed(1))
+    for deltas in ({}, {"blocks.0.hook_resid_post": delta}):
+        whole = rm.run_with_deltas(tokens, mask, read=hooks, grad_at=hooks, deltas=deltas, keep_kv_from=1)
+        before = rm.forward_count.snapshot()
+        split = rm.run_with_deltas(tokens, mask, read=hooks, grad_at=hooks, deltas=deltas, keep_kv_from=1, grad_from=start)
+        counted = rm.forward_count.since(before).as_dict()["total"]
+        assert (counted["passes"], counted["sequences"], counted["tokens"]) == (1, 3, tokens.numel())
+        torch.testing.assert_close(split.rewards, whole.rewards, atol=1e-4, rtol=1e-4)
+        for hook in hooks:
+            torch.testing.assert_close(split.acts[hook], whole.acts[hook], atol=1e-4, rtol=1e-4)
+            assert split.grads[hook].shape == whole.grads[hook].shape
+            assert not split.grads[hook][:, :start].any()
+            torch.testing.assert_close(split.grads[hook][:, start:], whole.grads[hook][:, start:], atol=1e-4, rtol=1e-3)
+            assert whole.grads[hook][:, start:].abs().sum() > 0
+        for block, keys in whole.kv.keys.items():
+            torch.testing.assert_close(split.kv.keys[block], keys, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(split.kv.values[block], whole.kv.values[block], atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_from_a_position_are_refused_where_they_would_be_wrong():
+    rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=2), char_tokenizer())
+    tokens, mask = _batch(rm)
+    hook = "blocks.0.hook_resid_post"
+    with pytest.raises(ValueError, match="pooled position"):  # row 1 ends at 16
+        rm.run_with_deltas(tokens, mask, grad_at=[hook], grad_from=20)
+    left = mask.flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        rm.run_with_deltas(tokens, left, grad_at=[hook], grad_from=3)
+    with pytest.raises(ValueError, match="tensor deltas"):
+        rm.run_with_deltas(tokens, mask, grad_at=[hook], grad_from=3, deltas={hook: lambda act: 0 * act})
+
+
+def test_the_pooled_final_residual_restarted_on_the_suffix_is_exact(rm):
+    """With the clean keys and values, the restart recomputes only the positions from the earliest
+    pooled one; it gives what the whole restart and the whole forward give."""
+    tokens, mask = _batch(rm)
+    hook = rm.layer_input(1)
+    clean = rm.run_with_deltas(tokens, mask, read=[hook], keep_kv_from=1)
+    whole = rm.pooled_final_residual(mask, tokens=tokens)
+    restarted = rm.pooled_final_residual(mask, residual=clean.acts[hook], layer=1)
+    before = rm.forward_count.snapshot()
+    suffix = rm.pooled_final_residual(mask, residual=clean.acts[hook], layer=1, prefix=clean.kv)
+    assert rm.forward_count.since(before).as_dict()["total"]["tokens"] == 3 * (tokens.shape[1] - 16)  # row 1 ends at 16
+    torch.testing.assert_close(restarted, whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(suffix, whole, atol=1e-4, rtol=1e-4)
+
+
 def test_restart_and_pooling_match_the_reward(rm):
     tokens, mask = _batch(rm)
     last = rm.cfg.n_layers - 1
