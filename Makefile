@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/attribution_cost.py
 	$(PY) benchmarks/attribution_fidelity.py
 	$(PY) benchmarks/planted_recovery.py
+	$(PY) benchmarks/shared_prefix.py
 	$(PY) benchmarks/exploit_search.py
 
 clean:

@@ -3,9 +3,10 @@
 At ``positions="diverge"`` attribution reads gradients only from the first token where chosen and
 rejected differ; causal attention means nothing before it depends on them, so the clean pass runs
 those positions without autograd and back-propagates through the rest only
-(``RewardModel.run_with_deltas(grad_from=...)``). This times ``pm_lens.attribute`` on the demo's
+(``RewardModel.run_with_deltas(grad_from=...)``), and the rejected side, whose tokens before it are
+the chosen side's, continues from the chosen side's run of them (``shared=``). This times ``pm_lens.attribute`` on the demo's
 held-out pairs (6 per attribute by default, the demo's AtP step) with that split and with it
-turned off (one forward and backward over every position), alternating ``--repeats`` times in one
+turned off (one forward and backward over every position of each side), alternating ``--repeats`` times in one
 process, and checks that both give the same effects. On HH-RLHF, where chosen and rejected share a
 long multi-turn prompt, the shared part is larger than in the planted pairs.
 
@@ -31,7 +32,7 @@ from pm_lens.attribution.positions import divergence  # noqa: E402
 from pm_lens.demo import held_out_pairs  # noqa: E402
 from pm_lens.demo_pm import demo_reward_model, demo_saes  # noqa: E402
 
-MODULES = [importlib.import_module(m) for m in ("pm_lens.attribution.attribute", "pm_lens.attribution.clean")]
+MODULES = [importlib.import_module("pm_lens.attribution.clean")]
 
 
 def timed(rm, pairs, saes, *, split: bool):

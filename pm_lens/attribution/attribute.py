@@ -38,7 +38,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pm_lens.attribution.batching import pair_batches
-from pm_lens.attribution.clean import SIDES, CleanRunBuilder, CleanSettings, SideRun, clean_side, grad_start, right_padded
+from pm_lens.attribution.clean import SIDES, CleanRunBuilder, CleanSettings, SideRun, clean_side, pair_grad_start
+from pm_lens.model.runs import SharedPrefix
 from pm_lens.attribution.formulas import TARGETS, node_effects, removal_delta
 from pm_lens.attribution.nodes import plain_model, read_nodes, resolve_saes
 from pm_lens.attribution.outliers import outlier_positions, outlier_rows, warn_outlier_features
@@ -118,8 +119,12 @@ def attribute(
         batches = pair_batches(rm, pairs, batch_tokens=batch_tokens, truncate=truncate)
         for batch in tqdm(batches, desc=f"attributing ({method})", disable=not progress or len(batches) < 2, unit="batch"):
             masks = pair_masks(batch, positions, skip_first=skip_first)
-            runs = [_side_effects(rm, getattr(batch, side), mask, by_hook, baselines, method, ig_steps)
-                    for side, mask in zip(SIDES, masks)]
+            # The backward starts at the first attributed position; the rejected side continues from
+            # the chosen side's run of the tokens they share before it.
+            start = pair_grad_start(batch, masks)
+            runs = [_side_effects(rm, batch.chosen, masks[0], by_hook, baselines, method, ig_steps, start)]
+            runs.append(_side_effects(rm, batch.rejected, masks[1], by_hook, baselines, method, ig_steps, start,
+                                      runs[0].shared))
             builder.add(batch, runs[0].run, runs[1].run)
             parts.append((runs[0], runs[1]))
     attribution = _assemble(parts, baselines, settings, pairs, by_hook, sparse=baseline == "zero",
@@ -194,6 +199,7 @@ class _SideResult:
     active: dict[str, Bool[Tensor, "batch d_sae"]]
     outlier_features: dict[str, Float[Tensor, "batch d_sae"]]
     outliers: dict[str, tuple[Tensor, Tensor]]
+    shared: SharedPrefix | None = None
 
 
 def _side_effects(
@@ -204,15 +210,18 @@ def _side_effects(
     baselines: dict[str, Tensor],
     method: str,
     ig_steps: int,
+    start: int = 0,
+    shared: SharedPrefix | None = None,
 ) -> _SideResult:
-    """The clean pass of one side (with the AtP gradient) and its per-sequence effects."""
-    run, grads = clean_side(rm, side, mask, saes, with_grad=method == "atp")
+    """The clean pass of one side (with the AtP gradient) and its per-sequence effects; the
+    backward from position ``start`` on, continuing from ``shared`` where it fits."""
+    run, grads, prefix = clean_side(rm, side, mask, saes, with_grad=method == "atp", start=start, shared=shared)
     names = list(saes)
     if method == "ig":
-        grads = _integrated_gradients(rm, run, saes, baselines, ig_steps)
+        grads, prefix = _integrated_gradients(rm, run, saes, baselines, ig_steps, start, shared)
     with torch.no_grad():
         run = replace(run, grads={n: flat(saes[n], grads[n]).detach() for n in names})  # kept for dashboards
-    result = _SideResult(run, {}, {}, {}, {}, {})
+    result = _SideResult(run, {}, {}, {}, {}, {}, prefix)
     with torch.no_grad():
         for n in names:
             node = run.nodes[n]
@@ -229,25 +238,32 @@ def _side_effects(
 
 
 def _integrated_gradients(rm: RewardModel, run: SideRun, saes: dict[str, SAE], baselines: dict[str, Tensor],
-                          ig_steps: int) -> dict[str, Tensor]:
+                          ig_steps: int, start: int = 0,
+                          shared: SharedPrefix | None = None) -> tuple[dict[str, Tensor], SharedPrefix | None]:
     """The reward's gradients at every hook averaged over ``ig_steps`` points of the straight path
-    from the clean activations to every node removed (all hooks together)."""
+    from the clean activations to every node removed (all hooks together), and the clean part
+    before ``start`` the steps shared. The removal is zero before the first masked position, so
+    with ``start`` there the steps run only the positions from it on, each continuing from one
+    clean run of the ones before (``shared``, or the first step's)."""
     names = list(saes)
     with torch.no_grad():
         full = {n: removal_delta(run.nodes[n].acts, baselines[n], directions(saes[n]), run.nodes[n].error,
                                  run.nodes[n].scale, run.mask.to(run.nodes[n].x.device)) for n in names}
     grads = {n: torch.zeros_like(run.nodes[n].x) for n in names}
-    # The removal is zero before the first masked position, so those positions need no backward.
-    start = grad_start(run.batch.attention_mask, run.mask) if right_padded(run.batch.attention_mask) else 0
+    if start and any(bool(d[:, :start].any()) for d in full.values()):
+        start = 0  # a removal before start (not from this module's masks): run every position
     for step in range(ig_steps):
         alpha = (step + 0.5) / ig_steps
+        if shared is not None and not shared.fits(run.batch.tokens, run.batch.attention_mask, start, names):
+            shared = None
         with rm.counting("ig"):
             step_run = rm.run_with_deltas(run.batch.tokens, run.batch.attention_mask,
                                           deltas={n: (1 - alpha) * d for n, d in full.items()}, grad_at=names,
-                                          grad_from=start)
+                                          grad_from=start, shared=shared if start else None)
+        shared = step_run.shared if start else None
         for n in names:
             grads[n] += flat(saes[n], step_run.grads[n]) / ig_steps
-    return grads
+    return grads, shared
 
 
 def _assemble(parts: list[tuple[_SideResult, _SideResult]], baselines: dict[str, Tensor], settings: AttributionSettings,

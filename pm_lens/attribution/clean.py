@@ -30,7 +30,7 @@ from pm_lens.attribution.nodes import read_nodes
 from pm_lens.attribution.positions import pair_masks
 from pm_lens.data import PairBatch, PreferencePair, TokenBatch
 from pm_lens.model import RewardModel
-from pm_lens.model.runs import PrefixKV, final_positions
+from pm_lens.model.runs import PrefixKV, SharedPrefix, final_positions
 from pm_lens.saes.split import SAENodes
 
 DEFAULT_BUDGET_BYTES = 2 * 2**30
@@ -182,19 +182,28 @@ def clean_side(
     saes: Mapping[str, SAE],
     *,
     with_grad: bool = False,
-) -> tuple[SideRun, dict[str, Tensor]]:
-    """One clean forward of ``side``: its :class:`SideRun` (acts dense) and, ``with_grad``,
-    d(sum of rewards)/d(hook output) at every SAE hook."""
+    start: int | None = None,
+    shared: SharedPrefix | None = None,
+) -> tuple[SideRun, dict[str, Tensor], SharedPrefix | None]:
+    """One clean forward of ``side``: its :class:`SideRun` (acts dense), ``with_grad``
+    d(sum of rewards)/d(hook output) at every SAE hook, and the part before ``start`` (default
+    :func:`grad_start`) that the backward skipped, for the other side of the pair to continue from
+    (or None). ``shared``: such a part of the other side, used when it fits."""
     layers = restart_layers(rm, list(saes))
     read = [*saes, *(rm.layer_input(layer) for layer in layers)]
     padded_right = right_padded(side.attention_mask)
+    grad_from = 0
+    if with_grad and padded_right:
+        grad_from = grad_start(side.attention_mask, mask) if start is None else start
+    if shared is not None and not shared.fits(side.tokens, side.attention_mask, grad_from, read):
+        shared = None
     with rm.counting("clean"):
         run = rm.run_with_deltas(side.tokens, side.attention_mask, read=read, grad_at=list(saes) if with_grad else (),
                                  keep_kv_from=kv_layer(rm, list(saes)) if padded_right else None,
-                                 grad_from=grad_start(side.attention_mask, mask) if with_grad and padded_right else 0)
+                                 grad_from=grad_from, shared=shared if grad_from else None)
     nodes = read_nodes(saes, run.acts)
     residuals = {layer: run.acts[rm.layer_input(layer)] for layer in layers}
-    return SideRun(side, mask, run.rewards, nodes, residuals, run.kv), run.grads
+    return SideRun(side, mask, run.rewards, nodes, residuals, run.kv), run.grads, run.shared
 
 
 def grad_start(attention_mask: Tensor, mask: Tensor) -> int:
@@ -207,6 +216,15 @@ def grad_start(attention_mask: Tensor, mask: Tensor) -> int:
         return 0
     start = int(torch.minimum(torch.where(mask.any(1), mask.int().argmax(1), last), last).min())
     return start if 8 * start >= attention_mask.shape[1] else 0
+
+
+def pair_grad_start(batch: PairBatch, masks: tuple[Tensor, Tensor]) -> int:
+    """One :func:`grad_start` for both sides of a pair batch (so that the rejected side may
+    continue from the chosen side's shared prefix); 0 unless both are right-padded."""
+    sides = (batch.chosen, batch.rejected)
+    if not all(right_padded(side.attention_mask) for side in sides):
+        return 0
+    return min(grad_start(side.attention_mask, mask) for side, mask in zip(sides, masks))
 
 
 def kv_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:

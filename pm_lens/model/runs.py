@@ -85,6 +85,33 @@ class PrefixKV:
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """The part of a split run (:meth:`ModelRuns.run_with_deltas` with ``grad_from``) before
+    ``start``, run without deltas there: what another run of the same tokens up to ``start`` (the
+    other side of a pair, an IG step whose deltas start later) continues from instead of running it.
+
+    Attributes:
+        start: the first position not in it.
+        tokens, attention_mask: ``[batch, start]``.
+        keys, values: per block (all of them), ``[batch, start, n_kv_heads, d_head]``.
+        acts: per hook read (or with a gradient), its activation at positions ``[:start]`` (the hook's layout).
+    """
+
+    start: int
+    tokens: Tensor
+    attention_mask: Tensor
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    acts: dict[str, Tensor]
+
+    def fits(self, tokens: Tensor, attention_mask: Tensor, start: int, hooks: Sequence[str]) -> bool:
+        """Whether a run of ``tokens`` split at ``start`` reading (or with gradients at) ``hooks``
+        can continue from it."""
+        return (start == self.start and tokens.shape[0] == self.tokens.shape[0] and set(hooks) <= set(self.acts)
+                and torch.equal(tokens[:, :start], self.tokens) and torch.equal(attention_mask[:, :start], self.attention_mask))
+
+
+@dataclass(frozen=True)
 class DeltaRun:
     """What :meth:`ModelRuns.run_with_deltas` saw.
 
@@ -92,12 +119,16 @@ class DeltaRun:
         rewards: ``[batch]`` the pooled rewards.
         acts: per hook read, its activation (after its delta), in the hook's own layout.
         grads: per hook in ``grad_at``, d(sum of rewards)/d(hook output).
+        kv: with ``keep_kv_from``, the run's keys and values of the blocks from there on.
+        shared: a split run's part before ``grad_from`` (when it had no deltas there), for another
+            run to continue from.
     """
 
     rewards: Float[Tensor, " batch"]
     acts: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, Tensor] = field(default_factory=dict)
     kv: PrefixKV | None = None
+    shared: SharedPrefix | None = None
 
 
 @dataclass
@@ -214,9 +245,10 @@ class ModelRuns:
             self.forward_count.add(purpose, rows, positions)
 
     @contextmanager
-    def _continued(self) -> Iterator[None]:
-        """Forwards inside the block continue a counted pass (a split run's second part)."""
-        self.__dict__["_continuing"] = True
+    def _continued(self, counted: bool = True) -> Iterator[None]:
+        """Forwards inside the block continue a pass already counted (a split run's second part;
+        with ``counted=False`` they are counted as a pass)."""
+        self.__dict__["_continuing"] = counted
         try:
             yield
         finally:
@@ -246,6 +278,7 @@ class ModelRuns:
         grad_at: Sequence[str] = (),
         keep_kv_from: int | None = None,
         grad_from: int = 0,
+        shared: SharedPrefix | None = None,
     ) -> DeltaRun:
         """Run the model, adding ``deltas[hook]`` to the activation at each hook, and read the
         activations at the hooks in ``read`` and d(sum of rewards)/d(hook output) at those in
@@ -264,9 +297,14 @@ class ModelRuns:
         back full length, zero before ``grad_from``; activations, rewards and ``kv`` are those of
         one forward, and the count is one pass (its tokens are both parts'). The backward then
         covers only the tail, which is where the cost of attributing long shared prompts goes.
+        Without deltas before ``grad_from``, that first part comes back as ``shared``; given one
+        (from a run of the same tokens up to ``grad_from``, e.g. the other side of a pair, and no
+        deltas before it here either), this run starts at ``grad_from`` instead of running it again.
         """
         if grad_from > 0 and grad_at:
-            return self._split_run(tokens, attention_mask, read, deltas, grad_at, keep_kv_from, grad_from)
+            return self._split_run(tokens, attention_mask, read, deltas, grad_at, keep_kv_from, grad_from, shared)
+        if shared is not None:
+            raise ValueError("a shared prefix needs grad_from > 0 and grad_at")
         cache = None if keep_kv_from is None else self._empty_cache(tokens.shape[0])
         with self._delta_hooks(read, deltas, grad_at) as state:
             rewards = self.reward(tokens, attention_mask, past_kv_cache=cache)
@@ -274,8 +312,12 @@ class ModelRuns:
         return run if cache is None else DeltaRun(run.rewards, run.acts, run.grads, PrefixKV.from_cache(cache, keep_kv_from))
 
     def _split_run(self, tokens: Tensor, attention_mask: Tensor, read: Sequence[str], deltas: Mapping[str, Delta] | None,
-                   grad_at: Sequence[str], keep_kv_from: int | None, start: int) -> DeltaRun:
-        """:meth:`run_with_deltas` with the positions before ``start`` run without autograd."""
+                   grad_at: Sequence[str], keep_kv_from: int | None, start: int, shared: SharedPrefix | None) -> DeltaRun:
+        """:meth:`run_with_deltas` with the positions before ``start`` run without autograd (or
+        taken from ``shared``)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
         deltas = dict(deltas or {})
         if any(callable(d) for d in deltas.values()):
             raise ValueError("grad_from needs tensor deltas (a function of the arriving activation sees one part only)")
@@ -283,25 +325,40 @@ class ModelRuns:
         if not (attention_mask.cummin(1).values == attention_mask).all() or start > int(last.min()):
             raise ValueError(f"grad_from={start} needs a right-padded batch whose every row's pooled position "
                              f"(here from {int(last.min())}) is at or after it")
-        cache = self._empty_cache(tokens.shape[0])
         wrong = {n: tuple(d.shape) for n, d in deltas.items() if d.shape[:2] != tokens.shape}
         if wrong:
             raise ValueError(f"grad_from needs deltas shaped [batch, pos, ...] like the tokens {tuple(tokens.shape)}, got {wrong}")
-        head = {n: d[:, :start] for n, d in deltas.items()}
+        head = {n: d[:, :start] for n, d in deltas.items() if d[:, :start].any()}
         tail = {n: d[:, start:] for n, d in deltas.items()}
-        with self._delta_hooks(read, head, ()) as before:
-            self(tokens[:, :start], attention_mask=attention_mask[:, :start], past_kv_cache=cache)
-        with self._continued(), self._delta_hooks(read, tail, grad_at) as after:
+        given = shared is not None
+        if given:
+            if head or not shared.fits(tokens, attention_mask, start, [*read, *grad_at]):
+                raise ValueError(f"the shared prefix does not fit this run (it needs the same tokens and mask before "
+                                 f"grad_from={start}, no deltas there, and holds the hooks {sorted(shared.acts)})")
+            entries = [TransformerLensKeyValueCacheEntry(k, v) for k, v in zip(shared.keys, shared.values)]
+            cache = TransformerLensKeyValueCache(entries, shared.attention_mask)
+            seen = shared.acts
+        else:
+            cache = self._empty_cache(tokens.shape[0])
+            with self._delta_hooks([*read, *grad_at], head, ()) as before:  # grad_at too: the gradients' shapes
+                self(tokens[:, :start], attention_mask=attention_mask[:, :start], past_kv_cache=cache)
+            seen = before.seen
+            if not head:
+                shared = SharedPrefix(start, tokens[:, :start], attention_mask[:, :start],
+                                      tuple(e.past_keys for e in cache.entries), tuple(e.past_values for e in cache.entries),
+                                      dict(seen))
+        # A run continuing from a shared prefix is still one pass (counted, with the tokens it runs).
+        with self._continued(counted=not given), self._delta_hooks(read, tail, grad_at) as after:
             per_position = self(tokens[:, start:], attention_mask=attention_mask[:, start:], past_kv_cache=cache)[..., 0]
             rewards = per_position.gather(1, (last - start).to(per_position.device)[:, None])[:, 0].to(self.cfg.device)
             bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
             if bad:
                 raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
             run = after.finish(rewards, read)
-        acts = {n: torch.cat([before.seen[n], a.to(before.seen[n].device)], dim=1) for n, a in run.acts.items()}
-        grads = {n: torch.cat([torch.zeros_like(before.seen[n]), g.to(before.seen[n].device)], dim=1)
-                 for n, g in run.grads.items()}
-        return DeltaRun(run.rewards, acts, grads, None if keep_kv_from is None else PrefixKV.from_cache(cache, keep_kv_from))
+        acts = {n: torch.cat([seen[n], a.to(seen[n].device)], dim=1) for n, a in run.acts.items()}
+        grads = {n: torch.cat([torch.zeros_like(seen[n]), g.to(seen[n].device)], dim=1) for n, g in run.grads.items()}
+        kv = None if keep_kv_from is None else PrefixKV.from_cache(cache, keep_kv_from)
+        return DeltaRun(run.rewards, acts, grads, kv, shared)
 
     def _empty_cache(self, batch: int) -> Any:
         """An empty TransformerLens KV cache, each block's entry on the block's device."""

@@ -193,22 +193,24 @@ def test_attributing_from_the_divergence_skips_the_shared_prefix_and_changes_not
     without autograd); the effects, rewards and the clean run's activations are those of full runs."""
     import importlib
 
-    attribute_module = importlib.import_module("pm_lens.attribution.attribute")  # the package exports the function
     clean_module = importlib.import_module("pm_lens.attribution.clean")
 
     used = []
     run_with_deltas = type(rm).run_with_deltas
 
-    def spy(self, *args, grad_from=0, **kwargs):
+    def spy(self, *args, grad_from=0, shared=None, **kwargs):
         used.append(grad_from)
-        return run_with_deltas(self, *args, grad_from=grad_from, **kwargs)
+        continued.append(shared is not None)
+        return run_with_deltas(self, *args, grad_from=grad_from, shared=shared, **kwargs)
 
+    continued = []
     monkeypatch.setattr(type(rm), "run_with_deltas", spy)
     split = attribute(rm, pairs, saes=saes, positions="diverge", method=method, ig_steps=3, progress=False)
     assert max(used) > 0
+    # The rejected side continues from the chosen side's prefix (and IG's later steps from the first's).
+    assert sum(continued) == (1 if method == "atp" else 2 * 3 - 1) * len(split.clean_run.batches)
     used.clear()
-    for module in (attribute_module, clean_module):
-        monkeypatch.setattr(module, "grad_start", lambda attention_mask, mask: 0)
+    monkeypatch.setattr(clean_module, "grad_start", lambda attention_mask, mask: 0)
     whole = attribute(rm, pairs, saes=saes, positions="diverge", method=method, ig_steps=3, progress=False)
     assert max(used) == 0
     for hook in HOOKS:

@@ -74,6 +74,38 @@ def test_gradients_from_a_position_on_skip_the_backward_before_it_and_are_exact(
             torch.testing.assert_close(split.kv.values[block], whole.kv.values[block], atol=1e-4, rtol=1e-4)
 
 
+def test_a_run_continuing_from_another_runs_shared_prefix_is_exact(rm):
+    """The other side of a pair (same tokens before grad_from, another tail) continues from the
+    first side's part before grad_from: the same rewards, activations, gradients and keys and
+    values as running it itself, counted as one pass of the tokens it runs."""
+    tokens, mask = _batch(rm)
+    other = tokens.clone()
+    other[:, 12:] = torch.randint(4, 90, other[:, 12:].shape, generator=torch.Generator().manual_seed(5))
+    hooks = [rm.layer_input(1), "blocks.0.hook_resid_post"]
+    start = 10
+    first = rm.run_with_deltas(tokens, mask, read=hooks, grad_at=hooks[1:], grad_from=start)
+    assert first.shared is not None and first.shared.start == start
+    alone = rm.run_with_deltas(other, mask, read=hooks, grad_at=hooks[1:], keep_kv_from=1, grad_from=start)
+    before = rm.forward_count.snapshot()
+    continued = rm.run_with_deltas(other, mask, read=hooks, grad_at=hooks[1:], keep_kv_from=1, grad_from=start,
+                                   shared=first.shared)
+    counted = rm.forward_count.since(before).as_dict()["total"]
+    assert (counted["passes"], counted["tokens"]) == (1, 3 * (tokens.shape[1] - start))
+    torch.testing.assert_close(continued.rewards, alone.rewards, atol=1e-5, rtol=1e-5)
+    for hook in hooks:
+        torch.testing.assert_close(continued.acts[hook], alone.acts[hook], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(continued.grads[hooks[1]], alone.grads[hooks[1]], atol=1e-5, rtol=1e-4)
+    for block, keys in alone.kv.keys.items():
+        torch.testing.assert_close(continued.kv.keys[block], keys, atol=1e-5, rtol=1e-5)
+    # What does not fit is refused: other tokens before grad_from, another split, deltas before it.
+    moved = other.clone()
+    moved[:, 3] = moved[:, 3] % 80 + 5
+    for kwargs in (dict(tokens=moved, grad_from=start), dict(tokens=other, grad_from=start - 1),
+                   dict(tokens=other, grad_from=start, deltas={hooks[1]: torch.ones(*tokens.shape, rm.cfg.d_model)})):
+        with pytest.raises(ValueError, match="shared prefix"):
+            rm.run_with_deltas(kwargs.pop("tokens"), mask, read=hooks, grad_at=hooks[1:], shared=first.shared, **kwargs)
+
+
 def test_gradients_from_a_position_are_refused_where_they_would_be_wrong():
     rm = RewardModel.from_hf(tiny_hf_reward_model(num_hidden_layers=2), char_tokenizer())
     tokens, mask = _batch(rm)
