@@ -38,8 +38,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pm_lens.attribution.batching import pair_batches
-from pm_lens.attribution.clean import SIDES, CleanRunBuilder, CleanSettings, SideRun, clean_side, pair_grad_start
-from pm_lens.model.runs import SharedPrefix
+from pm_lens.attribution.clean import (
+    SIDES,
+    CleanRunBuilder,
+    CleanSettings,
+    SideRun,
+    clean_side,
+    pair_grad_start,
+)
 from pm_lens.attribution.formulas import TARGETS, node_effects, removal_delta
 from pm_lens.attribution.nodes import plain_model, read_nodes, resolve_saes
 from pm_lens.attribution.outliers import outlier_positions, outlier_rows, warn_outlier_features
@@ -47,6 +53,7 @@ from pm_lens.attribution.positions import check_positions, pair_masks
 from pm_lens.attribution.result import OUTLIER_COLUMNS, Attribution, AttributionSettings, SideEffects
 from pm_lens.data import SKIP_FIRST, PairsLike, PreferencePair, as_pairs, describe_text_format
 from pm_lens.model import RewardModel
+from pm_lens.model.runs import SharedPrefix
 from pm_lens.saes.split import directions, flat
 
 METHODS = ("atp", "ig")
