@@ -11,11 +11,12 @@ Steps of :func:`run_demo`:
    tokens from where chosen and rejected diverge (``positions="diverge"``, the study's choice: the
    prompt and chat template shared by both sides are left out; ``"all"`` is there to compare), the
    first token (residual norm ~25,000) left out;
-4. per planted attribute, rank the features by their mean effect on its pairs and confirm the
-   ``top`` first by exact ablation on those pairs; a feature raises or lowers reward according to
-   the exact change of the reward of the completion it fires in (chosen, rejected or both);
-5. a fidelity card for the whole ranking: the ``fidelity_top`` features and ``n_random`` others
+4. a fidelity card for the whole ranking: the ``fidelity_top`` features and ``n_random`` others
    ablated exactly on every pair, and every node at once;
+5. per planted attribute, rank the features by their mean effect on its pairs and confirm the
+   ``top`` first by exact ablation on those pairs (read from the fidelity card's ablation where it
+   has them); a feature raises or lowers reward according to the exact change of the reward of the
+   completion it fires in (chosen, rejected or both);
 6. the contexts and tokens each ranked feature fires on most (at the attributed positions), an
    automatic label, and the planted attribute its firing
    tracks best (correlation of its peak activation in a completion with the attribute);
@@ -44,7 +45,7 @@ import pandas as pd
 import torch
 
 from pm_lens.attribution import Attribution, attribute, recover
-from pm_lens.attribution.ablate import ALL
+from pm_lens.attribution.ablate import ALL, Ablation
 from pm_lens.attribution.fidelity import FidelityCard, ablate_like, fidelity, fidelity_sample
 from pm_lens.attribution.recovery import recovered_features
 from pm_lens.data import PreferencePair
@@ -92,13 +93,14 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, ca
     with _timed(timings, "attribute", progress, f"attributing the margin on {len(pairs)} held-out pairs"):
         # The AtP pass is the clean pass of every pair; every later step reuses it.
         attribution = attribute(rm, pairs, saes=saes, skip_first=True, positions=settings.positions, **common)
-    with _timed(timings, "confirm", progress, f"confirming each attribute's top {settings.top} features by exact ablation"):
-        features = rank_by_group(rm, attribution, groups, top=settings.top, batch_tokens=settings.batch_tokens)
     with _timed(timings, "fidelity", progress, "fidelity card: exact ablation of the top and of random features"):
         sample = fidelity_sample(attribution, top_k=settings.fidelity_top, n_random=settings.n_random, seed=settings.seed)
-        exact = ablate_like(rm, attribution, sample, **common)  # kept: the dashboards read it too
+        exact = ablate_like(rm, attribution, sample, **common)  # kept: the confirmation and dashboards read it too
         card = fidelity(attribution, exact, top_k=settings.fidelity_top,
                         completeness=ablate_like(rm, attribution, ALL, **common))
+    with _timed(timings, "confirm", progress, f"confirming each attribute's top {settings.top} features by exact ablation"):
+        features = rank_by_group(rm, attribution, groups, top=settings.top, batch_tokens=settings.batch_tokens,
+                                 known=exact)
     with _timed(timings, "contexts", progress, "reading where the features fire"):
         unique = list(dict.fromkeys(Node(h, int(f)) for h, f in zip(features.hook_name, features.feature)))
         contexts = top_contexts(rm, saes, pairs, unique, n_contexts=settings.n_contexts, skip_first=True, skip_last=True,
@@ -135,22 +137,31 @@ def held_out_pairs(per_attribute: int, *, seed: int = 0) -> tuple[list[Preferenc
 
 
 def rank_by_group(rm: RewardModel, attribution: Attribution, groups: dict[str, list[int]], *, top: int,
-                  batch_tokens: int = 4096) -> pd.DataFrame:
+                  batch_tokens: int = 4096, known: Ablation | None = None) -> pd.DataFrame:
     """Per group of pairs, the ``top`` features of largest mean |margin effect| on its pairs, with
-    their exact effects there: on the margin and on each side's reward (mean over the group)."""
+    their exact effects there: on the margin and on each side's reward (mean over the group).
+    ``known``: a one-at-a-time exact ablation of ``attribution``'s pairs (e.g. the fidelity
+    card's); its features are read from it instead of ablated again."""
+    if known is not None and (known.joint or known.chosen.shape[0] != attribution.n_pairs):
+        raise ValueError("known must be a one-at-a-time ablation of the attribution's pairs")
     rows = []
     for name, indices in groups.items():
         group = attribution.subset(indices)
         ranking = group.ranking()
         best = ranking[ranking.kind == "feature"].head(top)
         nodes = [Node.parse(name) for name in best.node]
-        exact = ablate_like(rm, group, nodes, batch_tokens=batch_tokens, progress=False)
-        for rank, (row, column) in enumerate(zip(best.itertuples(), range(len(nodes))), start=1):
+        have = set(known.nodes) if known is not None else set()
+        missing = [node for node in nodes if node not in have]
+        fresh = ablate_like(rm, group, missing, batch_tokens=batch_tokens, progress=False) if missing else None
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        for rank, (row, node) in enumerate(zip(best.itertuples(), nodes), start=1):
+            source, rows_of = (fresh, slice(None)) if node in missing else (known, index)
+            column = source.column(node)
             rows.append(dict(
                 attribute=name, rank=rank, hook_name=row.hook_name, feature=int(row.feature),
-                estimated_margin_effect=row.effect, exact_margin_effect=float(exact.margin[:, column].mean()),
-                exact_chosen_effect=float(exact.chosen[:, column].mean()),
-                exact_rejected_effect=float(exact.rejected[:, column].mean()),
+                estimated_margin_effect=row.effect, exact_margin_effect=float(source.margin[rows_of, column].mean()),
+                exact_chosen_effect=float(source.chosen[rows_of, column].mean()),
+                exact_rejected_effect=float(source.rejected[rows_of, column].mean()),
                 sign_agreement=row.sign_agreement,
             ))
     return pd.DataFrame(rows)

@@ -1,5 +1,6 @@
 """Recovery: the margin a group's top features remove together, by exact joint ablation."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -42,3 +43,25 @@ def test_recovery_needs_a_margin_attribution_and_valid_groups(rm, pairs, saes):
     chosen = attribute(rm, pairs, saes=saes, target="chosen", progress=False)
     with pytest.raises(ValueError, match="target='margin'"):
         recover(rm, chosen, progress=False)
+
+
+def test_the_demos_confirmation_reads_a_known_ablation_instead_of_ablating_again(rm, pairs, saes):
+    """rank_by_group with the fidelity card's one-at-a-time ablation (of every pair) gives the
+    exact effects it computes itself, and ablates only the features that ablation lacks."""
+    from pm_lens.attribution.fidelity import ablate_like
+    from pm_lens.demo import rank_by_group
+
+    result = attribute(rm, pairs, saes=saes, positions="diverge", progress=False)
+    groups = {"first two": [0, 1], "last": [2]}
+    alone = rank_by_group(rm, result, groups, top=3, batch_tokens=128)
+    known = ablate_like(rm, result, result.top_nodes(2), batch_tokens=128, progress=False)
+    before = rm.forward_count.snapshot()
+    reused = rank_by_group(rm, result, groups, top=3, batch_tokens=128, known=known)
+    ablated = rm.forward_count.since(before).as_dict()["total"]["sequences"]
+    pd.testing.assert_frame_equal(reused, alone, atol=1e-5, rtol=1e-4)
+    assert set(map(str, known.nodes)) & {f"{h}:{f}" for h, f in zip(alone.hook_name, alone.feature)}
+    before = rm.forward_count.snapshot()
+    rank_by_group(rm, result, groups, top=3, batch_tokens=128)
+    assert ablated < rm.forward_count.since(before).as_dict()["total"]["sequences"]
+    with pytest.raises(ValueError, match="one-at-a-time"):
+        rank_by_group(rm, result, groups, top=3, known=ablate_like(rm, result, known.nodes, jointly=True, progress=False))
