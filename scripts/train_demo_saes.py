@@ -9,7 +9,11 @@ SAELens folders with `training_config.json` under `--out`, then evaluates them w
 `pm_lens.evaluate_sae` on held-out pairs, at all positions and from the divergence token, beside
 the SAEs in `--compare` (e.g. a copy of the previous ones): `evaluation.csv`.
 
-    python scripts/train_demo_saes.py [--data-seeds 0,1,2,3] [--d-sae 2048] [--k 32] [--compare OLD_DIR]
+    python scripts/train_demo_saes.py [--data-seeds 0,1,2,3] [--d-sae 2048] [--k 32] [--compare OLD_DIR] [--evaluate-only]
+
+`--evaluate-only` skips the training and re-evaluates the SAEs in `--out` (e.g. after the demo PM
+changed: the reward-space columns depend on it). The shipped `evaluation.csv` is such a run with
+the retrained PM, beside the previous 1024-feature SAEs.
 """
 
 from __future__ import annotations
@@ -56,8 +60,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", type=Path, default=None, help="a folder of earlier demo SAEs to evaluate beside")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "pm_lens/assets/demo_saes")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate the SAEs already in --out (and --compare) with today's demo PM; no training")
     args = parser.parse_args()
     rm = demo_reward_model()
+    if not args.evaluate_only:
+        train(rm, args)
+    evaluate(rm, args)
+
+
+def train(rm, args: argparse.Namespace) -> None:
     prompts, completions = training_texts([int(s) for s in args.data_seeds.split(",")])
     texts = encode_completions(rm.tokenizer, prompts, completions, max_len=rm.cfg.n_ctx, text_format=rm.text_format)
     print(f"{len(prompts)} distinct training texts")
@@ -71,6 +83,10 @@ def main() -> None:
     config = trained.config | {"data": trained.config["data"] | {"planted_seeds": args.data_seeds, "split": "train"},
                                "saved_dtype": args.dtype, "train_seconds": round(seconds, 1)}
     save_saes({name: sae.to(dtype) for name, sae in trained.saes.items()}, config, args.out)
+
+
+def evaluate(rm, args: argparse.Namespace) -> None:
+    """``evaluation.csv`` in ``args.out``: the SAEs there (and those in ``args.compare``) on held-out pairs."""
     # The SAEs never saw position 0 (`<|im_start|>`, massive norm): bypass them at that token.
     exclude = [rm.tokenizer.convert_tokens_to_ids("<|im_start|>")]
     test = make_planted(seed=0).test[: args.eval_pairs]
