@@ -142,15 +142,20 @@ def rank_by_group(rm: RewardModel, attribution: Attribution, groups: dict[str, l
     their exact effects there: on the margin and on each side's reward (mean over the group).
     ``known``: a one-at-a-time exact ablation of ``attribution``'s pairs (e.g. the fidelity
     card's); its features are read from it instead of ablated again."""
-    if known is not None and (known.joint or known.chosen.shape[0] != attribution.n_pairs):
-        raise ValueError("known must be a one-at-a-time ablation of the attribution's pairs")
+    have: set[Node] = set()
+    if known is not None:
+        ours = {key: getattr(attribution.settings, key) for key in ("baseline", "positions", "skip_first")}
+        theirs = {key: getattr(known.settings, key) for key in ours}
+        if known.joint or known.chosen.shape[0] != attribution.n_pairs or ours != theirs:
+            raise ValueError(f"known must be a one-at-a-time ablation of the attribution's {attribution.n_pairs} pairs "
+                             f"with its settings {ours}; got {known.chosen.shape[0]} pairs, joint={known.joint}, {theirs}")
+        have = set(known.nodes)
     rows = []
     for name, indices in groups.items():
         group = attribution.subset(indices)
         ranking = group.ranking()
         best = ranking[ranking.kind == "feature"].head(top)
         nodes = [Node.parse(name) for name in best.node]
-        have = set(known.nodes) if known is not None else set()
         missing = [node for node in nodes if node not in have]
         fresh = ablate_like(rm, group, missing, batch_tokens=batch_tokens, progress=False) if missing else None
         index = torch.as_tensor(list(indices), dtype=torch.long)

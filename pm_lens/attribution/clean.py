@@ -30,7 +30,7 @@ from pm_lens.attribution.nodes import read_nodes
 from pm_lens.attribution.positions import pair_masks
 from pm_lens.data import PairBatch, PreferencePair, TokenBatch
 from pm_lens.model import RewardModel
-from pm_lens.model.runs import PrefixKV, SharedPrefix, final_positions
+from pm_lens.model.runs import PrefixKV, SharedPrefix, final_positions, right_padded
 from pm_lens.saes.split import SAENodes
 
 DEFAULT_BUDGET_BYTES = 2 * 2**30
@@ -196,11 +196,11 @@ def clean_side(
     if with_grad and padded_right:
         grad_from = grad_start(side.attention_mask, mask) if start is None else start
     if shared is not None and not shared.fits(side.tokens, side.attention_mask, grad_from, read):
-        shared = None
+        shared = None  # (never fits a run that is not split: a prefix starts after position 0)
     with rm.counting("clean"):
         run = rm.run_with_deltas(side.tokens, side.attention_mask, read=read, grad_at=list(saes) if with_grad else (),
                                  keep_kv_from=kv_layer(rm, list(saes)) if padded_right else None,
-                                 grad_from=grad_from, shared=shared if grad_from else None)
+                                 grad_from=grad_from, shared=shared)
     nodes = read_nodes(saes, run.acts)
     residuals = {layer: run.acts[rm.layer_input(layer)] for layer in layers}
     return SideRun(side, mask, run.rewards, nodes, residuals, run.kv), run.grads, run.shared
@@ -232,11 +232,6 @@ def kv_layer(rm: RewardModel, hook_names: Sequence[str]) -> int | None:
     hook's block), or None when a hook is outside the blocks (its ablations rerun everything)."""
     layers = [rm.hook_layer(n) for n in hook_names]
     return None if not layers or any(layer is None for layer in layers) else min(layers)
-
-
-def right_padded(attention_mask: Tensor) -> bool:
-    """Whether every row's attended positions come first (what suffix restarts need)."""
-    return bool((attention_mask.cummin(1).values == attention_mask).all())
 
 
 class CleanRunBuilder:

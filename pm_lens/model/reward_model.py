@@ -50,7 +50,7 @@ from pm_lens.model.architectures import (
 )
 from pm_lens.model.attention import fast_attention_enabled, set_fast_attention
 from pm_lens.model.placement import as_devices, as_dtype
-from pm_lens.model.runs import ModelRuns
+from pm_lens.model.runs import ModelRuns, check_finite
 from pm_lens.model.split import LayerSplit, as_split
 
 
@@ -369,11 +369,7 @@ class RewardModel(ModelRuns, HookedSAETransformer):
         if attention_mask is None and self.pad_token_id is not None and (tokens == self.pad_token_id).any():
             attention_mask = (tokens != self.pad_token_id).long()
         per_position = self(tokens, attention_mask=attention_mask, past_kv_cache=past_kv_cache)[..., 0]
-        rewards = self.pool(per_position, attention_mask, tokens)
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        if bad:
-            raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
-        return rewards
+        return check_finite(self.pool(per_position, attention_mask, tokens))
 
 
 def _forward_through_hook_in(mlp: torch.nn.Module) -> None:

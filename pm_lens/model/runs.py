@@ -84,6 +84,19 @@ class PrefixKV:
         return sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
 
 
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row's attended positions come first (what suffix restarts and split runs need)."""
+    return bool((attention_mask.cummin(1).values == attention_mask).all())
+
+
+def check_finite(rewards: Tensor) -> Tensor:
+    """``rewards``, or a ``FloatingPointError`` naming the rows whose reward is NaN or infinite."""
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
+    return rewards
+
+
 @dataclass(frozen=True)
 class SharedPrefix:
     """The part of a split run (:meth:`ModelRuns.run_with_deltas` with ``grad_from``) before
@@ -245,10 +258,10 @@ class ModelRuns:
             self.forward_count.add(purpose, rows, positions)
 
     @contextmanager
-    def _continued(self, counted: bool = True) -> Iterator[None]:
-        """Forwards inside the block continue a pass already counted (a split run's second part;
-        with ``counted=False`` they are counted as a pass)."""
-        self.__dict__["_continuing"] = counted
+    def _continued(self, already_counted: bool = True) -> Iterator[None]:
+        """Forwards inside the block continue a pass already counted: only their tokens are added
+        (a split run's second part; with ``already_counted=False`` they count as a pass)."""
+        self.__dict__["_continuing"] = already_counted
         try:
             yield
         finally:
@@ -322,7 +335,7 @@ class ModelRuns:
         if any(callable(d) for d in deltas.values()):
             raise ValueError("grad_from needs tensor deltas (a function of the arriving activation sees one part only)")
         last = final_positions(None, attention_mask)
-        if not (attention_mask.cummin(1).values == attention_mask).all() or start > int(last.min()):
+        if not right_padded(attention_mask) or start > int(last.min()):
             raise ValueError(f"grad_from={start} needs a right-padded batch whose every row's pooled position "
                              f"(here from {int(last.min())}) is at or after it")
         wrong = {n: tuple(d.shape) for n, d in deltas.items() if d.shape[:2] != tokens.shape}
@@ -347,14 +360,11 @@ class ModelRuns:
                 shared = SharedPrefix(start, tokens[:, :start], attention_mask[:, :start],
                                       tuple(e.past_keys for e in cache.entries), tuple(e.past_values for e in cache.entries),
                                       dict(seen))
-        # A run continuing from a shared prefix is still one pass (counted, with the tokens it runs).
-        with self._continued(counted=not given), self._delta_hooks(read, tail, grad_at) as after:
+        # The second part of one pass; a run continuing from a shared prefix is a pass of its own.
+        with self._continued(already_counted=not given), self._delta_hooks(read, tail, grad_at) as after:
             per_position = self(tokens[:, start:], attention_mask=attention_mask[:, start:], past_kv_cache=cache)[..., 0]
             rewards = per_position.gather(1, (last - start).to(per_position.device)[:, None])[:, 0].to(self.cfg.device)
-            bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-            if bad:
-                raise FloatingPointError(f"non-finite reward for sequences {bad} of the batch")
-            run = after.finish(rewards, read)
+            run = after.finish(check_finite(rewards), read)
         acts = {n: torch.cat([seen[n], a.to(seen[n].device)], dim=1) for n, a in run.acts.items()}
         grads = {n: torch.cat([torch.zeros_like(seen[n]), g.to(seen[n].device)], dim=1) for n, g in run.grads.items()}
         kv = None if keep_kv_from is None else PrefixKV.from_cache(cache, keep_kv_from)
@@ -468,8 +478,7 @@ class ModelRuns:
             if residual is None:
                 out = self(tokens, attention_mask=attention_mask, stop_at_layer=self.cfg.n_layers)
                 start = 0
-            elif prefix is not None and start > 0 and layer >= prefix.first_layer and bool(
-                    (attention_mask.cummin(1).values == attention_mask).all()):
+            elif prefix is not None and start > 0 and layer >= prefix.first_layer and right_padded(attention_mask):
                 cache = self._prefix_cache(prefix, None, start, layer, attention_mask)
                 out = self(residual[:, start:], start_at_layer=layer, stop_at_layer=self.cfg.n_layers,
                            attention_mask=attention_mask, past_kv_cache=cache)

@@ -65,3 +65,6 @@ def test_the_demos_confirmation_reads_a_known_ablation_instead_of_ablating_again
     assert ablated < rm.forward_count.since(before).as_dict()["total"]["sequences"]
     with pytest.raises(ValueError, match="one-at-a-time"):
         rank_by_group(rm, result, groups, top=3, known=ablate_like(rm, result, known.nodes, jointly=True, progress=False))
+    other_positions = ablate(rm, pairs, saes=saes, features=known.nodes, positions="all", progress=False)
+    with pytest.raises(ValueError, match="'positions': 'diverge'"):
+        rank_by_group(rm, result, groups, top=3, known=other_positions)
