@@ -66,12 +66,14 @@ def together(chosen: SideAblation, rejected: SideAblation, deltas_of: Any) -> li
     agree = agreeing_positions(chosen, rejected)
     changed_chosen, kv = chosen.run_deltas(deltas_of(chosen), keep_kv=bool(agree.max() > 0))
     out = torch.zeros_like(rejected.run.rewards)
+    if kv is None:
+        changed, _ = rejected.run_deltas(deltas_of(rejected))
+        return [(changed_chosen - chosen.run.rewards)[:, None], (changed - rejected.run.rewards)[:, None]]
     for rows in rows_by_restart(agree.tolist(), width=rejected.run.batch.tokens.shape[1]):
         index = torch.tensor(rows, device=out.device)
         part = rejected if len(rows) == len(out) else SideAblation(rejected.rm, rejected.run.rows(index), rejected.saes,
                                                                     rejected.baselines)
-        start = int(agree[index].min()) if kv is not None else 0
-        changed, _ = part.run_deltas(deltas_of(part), prefix=None if kv is None else kv.rows(index), start=start)
+        changed, _ = part.run_deltas(deltas_of(part), prefix=kv.rows(index), start=int(agree[index].min()))
         out[index] = changed - part.run.rewards
     return [(changed_chosen - chosen.run.rewards)[:, None], out[:, None]]
 
@@ -277,15 +279,26 @@ class SideAblation:
                                         self.mask_at(hook))
                     for hook, n in self.run.nodes.items()}
 
-    def run_deltas(self, deltas: dict[str, Any], *, prefix: PrefixKV | None = None, start: int = 0,
+    def run_deltas(self, deltas: dict[str, Any], *, prefix: PrefixKV | None = None, start: int | None = None,
                    keep_kv: bool = False) -> tuple[Tensor, PrefixKV | None]:
-        """Rewards with ``deltas`` (tensors, or functions of the arriving activation) added at their
-        hooks, restarted from the clean run at the first of them (nothing before it changes), and
-        with ``prefix`` only from position ``start`` on; with ``keep_kv``, also the run's keys and
-        values (None when a hook is outside the blocks and the whole model reran)."""
+        """Rewards with ``deltas`` (tensors, or functions of the arriving activation, acting at the
+        selected positions only) added at their hooks, restarted from the clean run at the first of
+        them (nothing before it changes), and with ``prefix`` only from position ``start`` on (by
+        default this side's clean keys and values, from its first selected position: nothing
+        before it changes either); with ``keep_kv``, also the run's keys and values (None when a
+        hook is outside the blocks and the whole model reran)."""
         rm, batch = self.rm, self.run.batch
         if any(rm.hook_layer(hook) is None for hook in deltas):
             return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards, None
         residual, layer, rest = self._restart_point(deltas)
-        return rm.restart(residual, batch.attention_mask, layer=layer, deltas=rest, prefix=prefix, start=start,
+        if prefix is None:
+            start = self.first_selected()
+            prefix = self.prefix(layer) if start > 0 else None
+        return rm.restart(residual, batch.attention_mask, layer=layer, deltas=rest, prefix=prefix, start=start or 0,
                           keep_kv=keep_kv)
+
+    def first_selected(self) -> int:
+        """The batch's earliest selected position (a removal acts there only), at most its
+        earliest pooled one (which every run recomputes)."""
+        first = torch.where(self.mask.any(1), self.mask.int().argmax(1), self.pooled)
+        return int(torch.minimum(first, self.pooled).min())

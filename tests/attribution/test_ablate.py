@@ -44,13 +44,17 @@ def test_ablation_is_what_it_says(rm, pairs, saes):
     assert torch.allclose(result.chosen[:, 0], ablated - clean, atol=1e-5)
 
 
-def _remove_by_hand(sae, indices):
-    """Encode the activation as it arrives, remove the features, decode, add the error back."""
+def _remove_by_hand(sae, indices, mask=None):
+    """Encode the activation as it arrives, remove the features (at the ``mask``'s positions),
+    decode, add the error back."""
 
     def hook_fn(act, hook):
         acts = sae.encode(act)
         error = act - sae.decode(acts)
-        acts[..., indices] = 0
+        if mask is None:
+            acts[..., indices] = 0
+        else:
+            acts[..., indices] = acts[..., indices] * ~mask[..., None]
         return sae.decode(acts) + error
 
     return hook_fn
@@ -175,3 +179,35 @@ def test_removing_every_node_sets_the_hook_to_the_decoded_baseline(rm, pairs, sa
                 removed = rm.reward(side.tokens, side.attention_mask)
         assert torch.allclose(effect[:, 0], removed - clean, atol=1e-5)
         assert (removed - clean).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["diverge", "completion"])
+def test_a_joint_removal_at_later_positions_reruns_only_from_them(rm, pairs, saes, positions, monkeypatch):
+    """A joint removal (and every node's) acts at the selected positions only, so each side's run
+    restarts at its batch's first selected one against the clean keys and values, and still equals
+    a whole forward that removes the features there."""
+    from pm_lens.attribution import attribute
+
+    features = [(HOOKS[0], 112), (HOOKS[0], 44), (HOOKS[1], 89), (HOOKS[1], 37)]
+    clean = attribute(rm, pairs, saes=saes, positions=positions, progress=False).clean_run
+    sizes: list[int] = []
+    count = rm.count_forward
+    monkeypatch.setattr(rm, "count_forward", lambda input: (sizes.append(input.shape[1]), count(input)))
+    joint = ablate(rm, pairs, saes=saes, features=features, jointly=True, positions=positions, clean=clean,
+                   progress=False)
+    run_sizes = list(sizes)
+    batch = encode_pairs(rm.tokenizer, pairs, max_len=128)
+    masks = pair_masks(batch, positions, skip_first=True)
+    for side, mask, effect in [(batch.chosen, masks[0], joint.chosen), (batch.rejected, masks[1], joint.rejected)]:
+        fwd_hooks = [(HOOKS[h], _remove_by_hand(saes[h], [i for name, i in features if name == HOOKS[h]], mask))
+                     for h in range(2)]
+        with torch.no_grad():
+            clean = rm.reward(side.tokens, side.attention_mask)
+            with rm.hooks(fwd_hooks=fwd_hooks):
+                ablated = rm.reward(side.tokens, side.attention_mask)
+        assert torch.allclose(effect[:, 0], ablated - clean, atol=1e-5)
+        assert (ablated - clean).abs().max() > 1e-3
+    # One run per side, each from the side's first selected position: none spans the prompt.
+    firsts = [int(mask.int().argmax(1).min()) for mask in masks]
+    widths = [side.tokens.shape[1] for side in (batch.chosen, batch.rejected)]
+    assert min(firsts) > 0 and run_sizes == [width - first for width, first in zip(widths, firsts)]
