@@ -15,7 +15,11 @@ and readability 5/5 (issue 15, :mod:`pm_lens.readability`). "correct" is reporte
 the demo PM barely separates correct from wrong answers, so its margin there is small and the
 fraction noisy.
 
-    python benchmarks/planted_recovery.py [--pairs 30] [--top 10] [--quick] [--positions diverge] [--method atp]
+Also the curve: the fraction removed by the top ``--curve`` features (20 and 30 by default), and
+the fewest that remove 70%: where one attribute's effect is spread over many features, this says
+by how many.
+
+    python benchmarks/planted_recovery.py [--pairs 30] [--top 10] [--curve 20,30] [--quick] [--positions diverge] [--method atp]
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def main() -> None:
     parser.add_argument("--positions", default="diverge", choices=["diverge", "completion", "all"],
                         help="token positions attributed, ablated and read")
     parser.add_argument("--method", default="atp", choices=["atp", "ig"], help="how features are ranked (IG: 8 steps)")
+    parser.add_argument("--curve", default="20,30",
+                        help="more feature counts to ablate jointly (comma-separated; '' for none): how many it takes")
     args = parser.parse_args()
     n_pairs = 4 if args.quick else args.pairs
     start = time.perf_counter()
@@ -63,6 +69,12 @@ def main() -> None:
         table.insert(1, "saes", f"layer {label}" if hooks else label)
         rows.append(table)
     table = pd.concat(rows, ignore_index=True)
+    counts = [args.top] + [int(n) for n in args.curve.split(",") if n.strip()]
+    curve = table[["group", "saes", "fraction_removed"]].rename(columns={"fraction_removed": args.top})
+    for n in counts[1:]:
+        more = pd.concat([recover(rm, attribution, groups, top_n=n, hook_names=hooks, progress=False)
+                          for _, hooks in hook_sets], ignore_index=True)
+        curve[n] = more.fraction_removed.to_numpy()
     table["accuracy"] = [float((attribution.clean_margin[groups[g]] > 0).float().mean()) for g in table.group]
     everything = table[table.saes == "all 3"].set_index("group")
     fires_on, readable = {}, {}
@@ -84,6 +96,13 @@ def main() -> None:
         print("\nWhat the top 3 features (all 3 SAEs) fire on (label: top tokens), the last token left out:")
         for group, text in fires_on.items():
             print(f"  {group:>10}: {text}")
+        print("\nFraction of the margin removed by the top N features ablated jointly, by N (how many it takes):")
+        print(curve.to_string(index=False))
+        print("\nFewest of these counts that remove >= 70% (any of the SAE sets above):")
+        for group in STYLE:
+            rows_of = curve[curve.group == group]
+            enough = [(n, label) for n in counts for label, value in zip(rows_of.saes, rows_of[n]) if value >= 0.7]
+            print(f"  {group:>10}: " + (f"{enough[0][0]} ({enough[0][1]})" if enough else f"more than {max(counts)}"))
     hits = [g for g in STYLE if everything.loc[g, "fraction_removed"] >= 0.5]
     print(f"\nstyle attributes with >= 50% of the margin removed (all 3 SAEs): {len(hits)}/5 {hits} "
           f"(target: >= 4/5) -> {'met' if len(hits) >= 4 else 'MISSED'}")

@@ -26,7 +26,10 @@ Batched (the default), per batch of pairs and side:
    each forward (up to ``batch_tokens`` recomputed tokens) starts late;
 4. where a pair's two sides agree up to a position (prompt, shared start of the responses), a
    removal beginning before it is the same on both sides there: the rejected side's run
-   continues from the chosen side's ablated keys and values and recomputes only its tail.
+   continues from the chosen side's ablated keys and values and recomputes only its tail;
+5. a joint removal (or every node's) acts at the selected positions only, so each side's run
+   restarts at its batch's first selected position (with ``positions="diverge"`` or
+   ``"completion"``, after the prompt) against the clean keys and values.
 The machinery is in :mod:`pm_lens.attribution.removals`. With ``batched=False`` every node gets a
 full forward of its own (the reference the batched path is tested against, and the baseline of
 ``benchmarks/attribution_cost.py``).
