@@ -8,8 +8,10 @@ Training can also fit low-rank updates (LoRA, rank ``lora_rank``) of every linea
 ``<module>.lora_A``/``lora_B`` and folded into the weights on loading. The trained weights ship in
 ``pm_lens/assets/demo_pm.safetensors`` (float16); this module loads them
 (:func:`demo_reward_model`) and reproduces them (:func:`train_demo_pm`, run by
-``scripts/train_demo_pm.py``). Layers up to 22 stay SmolLM2's own, so the demo SAEs (blocks 8,
-15 and 22) read the pretrained residual stream.
+``scripts/train_demo_pm.py``). Layers up to 22 stay SmolLM2's own: the demo SAEs at blocks 15
+and 22 read the pretrained residual stream, the one at block 27 the stream after the adapted
+layers 23-27 (where the PM's own reading of the planted attributes is), so a retrained PM needs
+that SAE retrained too (``scripts/train_demo_saes.py --hooks blocks.27.hook_resid_post``).
 
 Training steps:
 1. SmolLM2 as a ``LlamaForSequenceClassification`` with an untrained head; the planted dataset;
@@ -39,7 +41,7 @@ from pm_lens.model.reward_model import RewardModel
 
 DEMO_PM_FILE = Path(__file__).parent / "assets" / "demo_pm.safetensors"
 DEMO_SAES_DIR = Path(__file__).parent / "assets" / "demo_saes"
-DEMO_SAE_HOOKS = ("blocks.8.hook_resid_post", "blocks.15.hook_resid_post", "blocks.22.hook_resid_post")
+DEMO_SAE_HOOKS = ("blocks.15.hook_resid_post", "blocks.22.hook_resid_post", "blocks.27.hook_resid_post")
 
 
 def demo_reward_model(*, cache_dir: str | Path | None = None, device: str | None = None,
@@ -74,8 +76,8 @@ def export_demo_pm(folder: str | Path, *, cache_dir: str | Path | None = None) -
 
 
 def demo_saes(*, device: str | None = None, dtype: torch.dtype | str = torch.float32) -> list[Any]:
-    """The demo PM's shipped SAEs at :data:`DEMO_SAE_HOOKS` (early, middle and late residual
-    stream; top-k, trained on completion tokens by ``scripts/train_demo_saes.py``, shipped in
+    """The demo PM's shipped SAEs at :data:`DEMO_SAE_HOOKS` (middle and late pretrained residual
+    stream, and after the adapted layers; top-k, trained on completion tokens by ``scripts/train_demo_saes.py``, shipped in
     float16), loaded in ``dtype`` (the demo PM's float32 by default)."""
     from pm_lens.saes import load_sae
 

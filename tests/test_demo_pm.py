@@ -44,7 +44,8 @@ def test_shipped_demo_saes_fit_the_demo_pm(demo_pm):
     from pm_lens.saes import load_sae, saes_attached
 
     folder = DEMO_PM_FILE.parent / "demo_saes"
-    hooks = ["blocks.8.hook_resid_post", "blocks.15.hook_resid_post", "blocks.22.hook_resid_post"]
+    hooks = ["blocks.15.hook_resid_post", "blocks.22.hook_resid_post", "blocks.27.hook_resid_post"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(hooks)  # none left from earlier hooks
     # Shipped in float16 (the package's size budget: 15 MiB for the SAEs), loaded in the PM's float32.
     assert {load_sae(folder / hook).dtype for hook in hooks} == {torch.float16}
     assert sum(f.stat().st_size for f in folder.rglob("*.safetensors")) <= 15 * 2**20
