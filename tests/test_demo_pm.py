@@ -69,3 +69,27 @@ def test_the_demo_pm_exports_as_a_reward_model_folder(demo_pm, tmp_path):
     pairs = make_planted(seed=0).test[:4]
     assert torch.allclose(torch.tensor(score_pairs(loaded, pairs, progress=False).margin.to_numpy()),
                           torch.tensor(score_pairs(demo_pm, pairs, progress=False).margin.to_numpy()), atol=1e-4)
+
+
+def test_the_sae_training_record_keeps_each_run_of_a_shipped_sae():
+    """scripts/train_demo_saes.py --hooks: an earlier run keeps only the shipped hooks it still
+    provides; the new run comes last; the shipped record says which run trained each SAE."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from pm_lens.demo_pm import DEMO_PM_FILE, DEMO_SAE_HOOKS
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_saes.py"
+    spec = importlib.util.spec_from_file_location("train_demo_saes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    old, kept, new = "blocks.3.hook_resid_post", DEMO_SAE_HOOKS[0], DEMO_SAE_HOOKS[-1]
+    earlier = {"hook_names": [old, kept, new], "stats": {old: 1, kept: 2, new: 3}, "n_epochs": 6}
+    merged = script.merged_runs(earlier, {"hook_names": [new], "stats": {new: 4}, "n_epochs": 4})
+    assert merged["hook_names"] == list(DEMO_SAE_HOOKS)
+    assert merged["runs"] == [
+        {"hook_names": [kept], "stats": {kept: 2}, "n_epochs": 6, "trained_hook_names": [old, kept, new]},
+        {"hook_names": [new], "stats": {new: 4}, "n_epochs": 4}]
+    shipped = json.loads((DEMO_PM_FILE.parent / "demo_saes" / "training_config.json").read_text())
+    assert sorted(h for run in shipped["runs"] for h in run["hook_names"]) == sorted(DEMO_SAE_HOOKS)
