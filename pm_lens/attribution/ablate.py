@@ -29,7 +29,7 @@ Batched (the default), per batch of pairs and side:
    continues from the chosen side's ablated keys and values and recomputes only its tail;
 5. a joint removal (or every node's) acts at the selected positions only, so each side's run
    restarts at its batch's first selected position (with ``positions="diverge"`` or
-   ``"completion"``, after the prompt) against the clean keys and values.
+   ``"completion"``, after the prompt) against the clean keys and values the clean run kept.
 The machinery is in :mod:`pm_lens.attribution.removals`. With ``batched=False`` every node gets a
 full forward of its own (the reference the batched path is tested against, and the baseline of
 ``benchmarks/attribution_cost.py``).

@@ -284,16 +284,17 @@ class SideAblation:
         """Rewards with ``deltas`` (tensors, or functions of the arriving activation, acting at the
         selected positions only) added at their hooks, restarted from the clean run at the first of
         them (nothing before it changes), and with ``prefix`` only from position ``start`` on (by
-        default this side's clean keys and values, from its first selected position: nothing
-        before it changes either); with ``keep_kv``, also the run's keys and values (None when a
+        default the clean run's keys and values where it kept them, from this side's first
+        selected position: nothing before it changes either); with ``keep_kv``, also the run's keys and values (None when a
         hook is outside the blocks and the whole model reran)."""
         rm, batch = self.rm, self.run.batch
         if any(rm.hook_layer(hook) is None for hook in deltas):
             return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards, None
         residual, layer, rest = self._restart_point(deltas)
-        if prefix is None:
-            start = self.first_selected()
-            prefix = self.prefix(layer) if start > 0 else None
+        if prefix is None:  # the clean run's keys and values, where it kept them (computing them costs a forward)
+            kept = self.run.kv is not None and self.run.kv.first_layer <= layer < self.rm.cfg.n_layers
+            start = self.first_selected() if kept else 0
+            prefix = self.run.kv if start > 0 else None
         return rm.restart(residual, batch.attention_mask, layer=layer, deltas=rest, prefix=prefix, start=start or 0,
                           keep_kv=keep_kv)
 
