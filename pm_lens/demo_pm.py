@@ -77,8 +77,9 @@ def export_demo_pm(folder: str | Path, *, cache_dir: str | Path | None = None) -
 
 def demo_saes(*, device: str | None = None, dtype: torch.dtype | str = torch.float32) -> list[Any]:
     """The demo PM's shipped SAEs at :data:`DEMO_SAE_HOOKS` (middle and late pretrained residual
-    stream, and after the adapted layers; top-k, trained on completion tokens by ``scripts/train_demo_saes.py``, shipped in
-    float16), loaded in ``dtype`` (the demo PM's float32 by default)."""
+    stream, and after the adapted layers; top-k, trained on completion tokens by
+    ``scripts/train_demo_saes.py``, shipped in float16), loaded in ``dtype`` (the demo PM's
+    float32 by default)."""
     from pm_lens.saes import load_sae
 
     return [load_sae(DEMO_SAES_DIR / hook, device=device, dtype=dtype) for hook in DEMO_SAE_HOOKS]

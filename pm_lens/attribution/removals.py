@@ -285,8 +285,8 @@ class SideAblation:
         selected positions only) added at their hooks, restarted from the clean run at the first of
         them (nothing before it changes), and with ``prefix`` only from position ``start`` on (by
         default the clean run's keys and values where it kept them, from this side's first
-        selected position: nothing before it changes either); with ``keep_kv``, also the run's keys and values (None when a
-        hook is outside the blocks and the whole model reran)."""
+        selected position: nothing before it changes either); with ``keep_kv``, also the run's
+        keys and values (None when a hook is outside the blocks and the whole model reran)."""
         rm, batch = self.rm, self.run.batch
         if any(rm.hook_layer(hook) is None for hook in deltas):
             return rm.run_with_deltas(batch.tokens, batch.attention_mask, deltas=deltas).rewards, None
