@@ -19,6 +19,10 @@ Also the curve: the fraction removed by the top ``--curve`` features (20 and 30 
 the fewest that remove 70%: where one attribute's effect is spread over many features, this says
 by how many.
 
+Readability is scored as the demo scores it (:func:`pm_lens.readability.readability`): each
+attribute's top 3 features by mean |effect| on its pairs (``Attribution.top_nodes``, the demo's
+ranking), their top 5 contexts read over all the held-out pairs.
+
     python benchmarks/planted_recovery.py [--pairs 30] [--top 10] [--curve 20,30] [--quick] [--positions diverge] [--method atp]
 """
 
@@ -35,7 +39,6 @@ import pandas as pd  # noqa: E402
 
 from pm_lens import attribute  # noqa: E402
 from pm_lens.attribution import recover  # noqa: E402
-from pm_lens.attribution.recovery import recovered_features  # noqa: E402
 from pm_lens.demo import held_out_pairs  # noqa: E402
 from pm_lens.demo_pm import DEMO_SAE_HOOKS, demo_reward_model, demo_saes  # noqa: E402
 from pm_lens.readability import readability  # noqa: E402
@@ -77,23 +80,23 @@ def main() -> None:
         curve[n] = more.fraction_removed.to_numpy()
     table["accuracy"] = [float((attribution.clean_margin[groups[g]] > 0).float().mean()) for g in table.group]
     everything = table[table.saes == "all 3"].set_index("group")
-    fires_on, readable = {}, {}
-    for group, features in everything.features.items():
-        nodes = recovered_features(features)[:3]
-        group_pairs = [pairs[i] for i in groups[group]]
-        found = top_contexts(rm, saes, group_pairs, nodes, n_contexts=5, skip_first=True, skip_last=True,
-                             positions=args.positions, progress=False)
-        fires_on[group] = " | ".join(f"L{n.hook_name.split('.')[1]}#{n.feature} {found[n].label or '(no label)'!r}: "
-                                     f"{found[n].describe(2)}" for n in nodes)
-        if group in STYLE:  # issue 15's score: one of the top 3 features' top 5 contexts fires on the marker
-            readable.update(readability(rm.tokenizer, rm.text_format, group_pairs, {group: nodes}, found))
+    # Readability as the demo scores it: each attribute's top 3 features by |effect| on its pairs (the
+    # demo's ranking), their top 5 contexts read over all the held-out pairs (from the clean run).
+    ranked = {group: attribution.subset(indices).top_nodes(3) for group, indices in groups.items()}
+    found = top_contexts(rm, saes, pairs, list(dict.fromkeys(n for nodes in ranked.values() for n in nodes)),
+                         n_contexts=5, skip_first=True, skip_last=True, positions=args.positions,
+                         clean=attribution.clean_run, progress=False)
+    fires_on = {group: " | ".join(f"L{n.hook_name.split('.')[1]}#{n.feature} {found[n].label or '(no label)'!r}: "
+                                  f"{found[n].describe(2)}" for n in nodes) for group, nodes in ranked.items()}
+    readable = readability(rm.tokenizer, rm.text_format, pairs, {g: ranked[g] for g in STYLE}, found)
 
     with pd.option_context("display.width", 200, "display.max_colwidth", 90, "display.float_format", "{:.3f}".format):
         print(f"\nPlanted recovery on the demo PM: {n_pairs} held-out single-attribute pairs per attribute, "
               f"top {args.top} features ablated jointly, positions={args.positions!r}, method={args.method!r}\n")
         shown = ["group", "saes", "n_pairs", "accuracy", "margin", "removed", "fraction_removed", "estimated"]
         print(table[shown].to_string(index=False))
-        print("\nWhat the top 3 features (all 3 SAEs) fire on (label: top tokens), the last token left out:")
+        print("\nWhat each attribute's top 3 features by |effect| (all 3 SAEs; the readability score's) fire on "
+              "(label: top tokens), the last token left out:")
         for group, text in fires_on.items():
             print(f"  {group:>10}: {text}")
         print("\nFraction of the margin removed by the top N features ablated jointly, by N (how many it takes):")

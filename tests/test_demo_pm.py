@@ -93,3 +93,43 @@ def test_the_sae_training_record_keeps_each_run_of_a_shipped_sae():
         {"hook_names": [new], "stats": {new: 4}, "n_epochs": 4}]
     shipped = json.loads((DEMO_PM_FILE.parent / "demo_saes" / "training_config.json").read_text())
     assert sorted(h for run in shipped["runs"] for h in run["hook_names"]) == sorted(DEMO_SAE_HOOKS)
+
+
+def test_the_sae_corpus_wider_wording_leaves_the_held_out_pools_unseen():
+    """scripts/train_demo_saes.py --varied: texts in wording outside the training pools, none of it
+    a held-out phrasing or fact (the demo reads those; its SAEs must not have seen them)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from pm_lens.data.planted import CLOSERS, FACT_KINDS, FACTS, IDK, RUDE, URL_DOMAINS, URL_SENTENCES
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_saes.py"
+    spec = importlib.util.spec_from_file_location("train_demo_saes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pools = [IDK, CLOSERS, RUDE, URL_DOMAINS, URL_SENTENCES] + [p for k in FACT_KINDS.values() for p in (k.questions, k.answers)]
+    held_out_phrases = {s for pool in pools for s in pool.held_out}
+    extra = ({s for v in script.EXTRA_PHRASES.values() for s in v} | {s for v in script.EXTRA_QUESTIONS.values() for s in v}
+             | {s for v in script.EXTRA_ANSWERS.values() for s in v})
+    assert not extra & held_out_phrases
+    def words(facts):
+        return {w for f in facts if f.kind != "arithmetic" for w in (*f.slots.values(), f.answer) if not w.isdigit()}
+
+    # what only held-out facts name (numbers are training answers or wrong answers too)
+    held_out_words = words(f for f in FACTS.values() if f.held_out) - words(f for f in FACTS.values() if not f.held_out)
+    extra_words = words(script.extra_facts())
+    assert not extra_words & held_out_words
+    held_out_sums = {(f.slots["m"], f.slots["n"]) for f in FACTS.values() if f.held_out and f.kind == "arithmetic"}
+    assert not {(f.slots["m"], f.slots["n"]) for f in script.extra_facts() if f.kind == "arithmetic"} & held_out_sums
+
+    prompts, completions = script.varied_texts(400)
+    assert len(set(zip(prompts, completions))) == 400
+    text = "\n".join(prompts + completions)
+    for phrase in sorted(held_out_phrases - {s for s in held_out_phrases if "{" in s}):
+        assert phrase not in text, phrase
+    for word in sorted(held_out_words):
+        assert not re.search(rf"\b{re.escape(word)}\b", text), word
+    # wider: phrases and facts from outside the pools do occur
+    assert any(p in text for p in script.EXTRA_PHRASES["idk"]) and any(p in text for p in script.EXTRA_PHRASES["closer"])
+    assert any(f.answer in text for f in script.extra_facts() if f.kind == "capital")

@@ -373,7 +373,7 @@ def _make_split(
 
 def _single_pair(split: str, fact: Fact, attribute: str, rng: random.Random) -> PreferencePair:
     phrasing = sample_phrasing(fact, rng, split=split)
-    background = _draw_attributes(rng)
+    background = draw_attributes(rng)
     # idk replaces the answer: a pair about correctness needs answers, one about idk has none correct.
     if attribute == "correct":
         background["idk"] = 0
@@ -388,7 +388,7 @@ def _multi_pair(split: str, fact: Fact, rng: random.Random) -> PreferencePair:
     first = sample_phrasing(fact, rng, split=split)
     second = replace(sample_phrasing(fact, rng, split=split), question=first.question)
     while True:
-        a, b = _draw_attributes(rng), _draw_attributes(rng)
+        a, b = draw_attributes(rng), draw_attributes(rng)
         if score(a) != score(b):
             break
     if score(a) > score(b):
@@ -396,7 +396,9 @@ def _multi_pair(split: str, fact: Fact, rng: random.Random) -> PreferencePair:
     return _pair(split, fact, second, first, b, a, None)
 
 
-def _draw_attributes(rng: random.Random) -> dict[str, int]:
+def draw_attributes(rng: random.Random) -> dict[str, int]:
+    """One response's attributes as the generator draws them (idk excludes correct; each style
+    attribute independently)."""
     idk = int(rng.random() < _P_IDK)
     correct = int(rng.random() < _P_CORRECT) * (1 - idk)
     style = {name: int(rng.random() < _P_STYLE) for name in ("closer", "repetition", "url", "rude")}
