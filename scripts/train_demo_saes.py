@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -131,8 +132,6 @@ def varied_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` distinct (prompt, completion) texts rendered by the planted generator from its training
     pools *and* :data:`EXTRA_PHRASES`, :data:`EXTRA_QUESTIONS`, :data:`EXTRA_ANSWERS` and
     :func:`extra_facts`, attributes drawn as for its pairs: the same layouts in wider wording."""
-    import random
-
     rng = random.Random(f"pm_lens.demo_saes/varied/{seed}")
     facts = {kind: list(facts_for("train", (kind,))) + [f for f in extra_facts() if f.kind == kind] for kind in FACT_KINDS}
     seen: dict[tuple[str, str], None] = {}
@@ -150,6 +149,8 @@ def varied_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
             url_sentence=rng.choice(URL_SENTENCES.train + EXTRA_PHRASES["url_sentence"]).format(url=url),
             rude=rng.choice(RUDE.train + EXTRA_PHRASES["rude"]), rude_first=rng.random() < 0.5)
         seen.setdefault((render_prompt(fact, phrasing), render_response(fact, draw_attributes(rng), phrasing)))
+    if len(seen) < n:
+        raise SystemExit(f"--varied {n}: only {len(seen)} distinct texts could be drawn; ask for fewer")
     prompts, completions = zip(*seen)
     return list(prompts), list(completions)
 
@@ -233,8 +234,8 @@ def merged_runs(previous: dict | None, config: dict) -> dict:
 def evaluate(rm, args: argparse.Namespace) -> None:
     """``evaluation.csv`` in ``args.out``: the SAEs there (and those in ``args.compare``) on held-out
     pairs (``text="held-out"``: new facts, prompts and phrasings), and at the attributed positions
-    on pairs of the training pools (``text="training pools"``, seed 99: the wording the SAEs were
-    trained on, new combinations), which shows how far they generalise beyond their corpus."""
+    on pairs in the training pools' wording (``text="training pools"``, drawn with seed 99, not a
+    training seed), which shows how far the SAEs generalise beyond the wording they were trained on."""
     # The SAEs never saw position 0 (`<|im_start|>`, massive norm): bypass them at that token.
     exclude = [rm.tokenizer.convert_tokens_to_ids("<|im_start|>")]
     texts = {"held-out": (make_planted(seed=0).test[: args.eval_pairs], ("all", "diverge")),
