@@ -74,16 +74,11 @@ def test_the_demo_pm_exports_as_a_reward_model_folder(demo_pm, tmp_path):
 def test_the_sae_training_record_keeps_each_run_of_a_shipped_sae():
     """scripts/train_demo_saes.py --hooks: an earlier run keeps only the shipped hooks it still
     provides; the new run comes last; the shipped record says which run trained each SAE."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from pm_lens.demo_pm import DEMO_PM_FILE, DEMO_SAE_HOOKS
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_saes.py"
-    spec = importlib.util.spec_from_file_location("train_demo_saes", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _train_demo_saes_script()
     old, kept, new = "blocks.3.hook_resid_post", DEMO_SAE_HOOKS[0], DEMO_SAE_HOOKS[-1]
     earlier = {"hook_names": [old, kept, new], "stats": {old: 1, kept: 2, new: 3}, "n_epochs": 6}
     merged = script.merged_runs(earlier, {"hook_names": [new], "stats": {new: 4}, "n_epochs": 4})
@@ -98,21 +93,17 @@ def test_the_sae_training_record_keeps_each_run_of_a_shipped_sae():
 def test_the_sae_corpus_wider_wording_leaves_the_held_out_pools_unseen():
     """scripts/train_demo_saes.py --varied: texts in wording outside the training pools, none of it
     a held-out phrasing or fact (the demo reads those; its SAEs must not have seen them)."""
-    import importlib.util
     import re
-    from pathlib import Path
 
     from pm_lens.data.planted import CLOSERS, FACT_KINDS, FACTS, IDK, RUDE, URL_DOMAINS, URL_SENTENCES
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_saes.py"
-    spec = importlib.util.spec_from_file_location("train_demo_saes", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _train_demo_saes_script()
     pools = [IDK, CLOSERS, RUDE, URL_DOMAINS, URL_SENTENCES] + [p for k in FACT_KINDS.values() for p in (k.questions, k.answers)]
     held_out_phrases = {s for pool in pools for s in pool.held_out}
     extra = ({s for v in script.EXTRA_PHRASES.values() for s in v} | {s for v in script.EXTRA_QUESTIONS.values() for s in v}
              | {s for v in script.EXTRA_ANSWERS.values() for s in v})
     assert not extra & held_out_phrases
+
     def words(facts):
         return {w for f in facts if f.kind != "arithmetic" for w in (*f.slots.values(), f.answer) if not w.isdigit()}
 
@@ -133,3 +124,15 @@ def test_the_sae_corpus_wider_wording_leaves_the_held_out_pools_unseen():
     # wider: phrases and facts from outside the pools do occur
     assert any(p in text for p in script.EXTRA_PHRASES["idk"]) and any(p in text for p in script.EXTRA_PHRASES["closer"])
     assert any(f.answer in text for f in script.extra_facts() if f.kind == "capital")
+
+
+def _train_demo_saes_script():
+    """scripts/train_demo_saes.py as a module (it is not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_saes.py"
+    spec = importlib.util.spec_from_file_location("train_demo_saes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
