@@ -132,8 +132,11 @@ def varied_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` distinct (prompt, completion) texts rendered by the planted generator from its training
     pools *and* :data:`EXTRA_PHRASES`, :data:`EXTRA_QUESTIONS`, :data:`EXTRA_ANSWERS` and
     :func:`extra_facts`, attributes drawn as for its pairs: the same layouts in wider wording."""
+    if n < 1:
+        raise SystemExit(f"--varied must be a positive number of texts, got {n}")
     rng = random.Random(f"pm_lens.demo_saes/varied/{seed}")
-    facts = {kind: list(facts_for("train", (kind,))) + [f for f in extra_facts() if f.kind == kind] for kind in FACT_KINDS}
+    extra = extra_facts()
+    facts = {kind: list(facts_for("train", (kind,))) + [f for f in extra if f.kind == kind] for kind in FACT_KINDS}
     seen: dict[tuple[str, str], None] = {}
     for _ in range(50 * n):
         if len(seen) == n:
@@ -187,7 +190,7 @@ def train(rm, args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"--hooks {unknown} are not demo SAE hooks; they are {list(DEMO_SAE_HOOKS)}")
     prompts, completions = training_texts([int(s) for s in args.data_seeds.split(",")])
-    if args.varied:
+    if args.varied:  # 0: none
         more_prompts, more_completions = varied_texts(args.varied, seed=args.seed)
         prompts, completions = prompts + more_prompts, completions + more_completions
     texts = encode_completions(rm.tokenizer, prompts, completions, max_len=rm.cfg.n_ctx, text_format=rm.text_format)
